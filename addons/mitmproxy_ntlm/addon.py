@@ -1,0 +1,222 @@
+"""The mitmproxy addon: NTLM authentication to the parent proxy in upstream mode.
+
+Options are validated in `configure`; the connection work happens in the layer installed by
+`mitmproxy_internals`. This class owns the policy (credentials, lockout guard) and puts each
+flow's authentication story on the flow for mitmweb and the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from . import messages, mitmproxy_internals
+from .credentials import CredentialError, SecretSources, build_credentials
+from .handshake import Dialect, quiet_spnego_logs
+from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+CREDENTIAL_OPTIONS = (
+    "ntlm_username",
+    "ntlm_domain",
+    "ntlm_workstation",
+    "ntlm_password",
+    "ntlm_password_env",
+    "ntlm_password_file",
+    "ntlm_pass_nt",
+    "ntlm_pass_lm",
+    "ntlm_hashes",
+    "ntlm_dialect",
+    "ntlm_max_failures",
+    "ntlm_handshake_timeout",
+    "ntlm_replay_limit",
+)
+
+
+class NtlmUpstreamAuth:
+    """Authenticates mitmproxy's connections to the parent proxy with NTLM."""
+
+    def __init__(self) -> None:
+        self.policy: UpstreamPolicy | None = None
+
+    def load(self, loader: Loader) -> None:
+        quiet_spnego_logs()
+        loader.add_option("ntlm_username", str, "",
+                          "User name for the parent proxy: user, DOMAIN\\user or user@domain.")
+        loader.add_option("ntlm_domain", str, "", "NTLM domain (overrides a domain in the name).")
+        loader.add_option("ntlm_workstation", str, socket.gethostname().split(".")[0].upper(),
+                          "Workstation name sent in the NTLM Type 3 message.")
+        loader.add_option("ntlm_password_file", str, "",
+                          "File holding the password on its first line; must be mode 0600.")
+        loader.add_option("ntlm_password_env", str, "",
+                          "Name of an environment variable holding the password.")
+        loader.add_option("ntlm_pass_nt", str, "",
+                          "PassNT hash exactly as printed by `cntlm -H` / `mitm-ntlm hash`.")
+        loader.add_option("ntlm_pass_lm", str, "",
+                          "PassLM hash as printed by `cntlm -H` (only used by ntlmv1).")
+        loader.add_option("ntlm_hashes", str, "",
+                          "Standard NT hash, or LM:NT, in hex (impacket/pyspnego form).")
+        loader.add_option("ntlm_password", str, "",
+                          "The password itself. Visible in the process list when given with "
+                          "--set: prefer ntlm_password_file or ntlm_password_env.")
+        loader.add_option("ntlm_dialect", str, Dialect.NTLMV2.value,
+                          "NTLM response dialect. ntlmv2 is the default; ntlm2sr and ntlmv1 are "
+                          "weak and only for parents that refuse NTLMv2.",
+                          choices=[d.value for d in Dialect])
+        loader.add_option("ntlm_max_failures", int, 3,
+                          "Stop sending the credentials after this many consecutive rejections "
+                          "by the parent (protects the account from lockout); 0 disables.")
+        loader.add_option("ntlm_handshake_timeout", int, 30,
+                          "Seconds to wait for the parent during an NTLM handshake.")
+        loader.add_option("ntlm_replay_limit", int, 16 * 1024 * 1024,
+                          "Largest request body kept to resend after a re-challenge (bytes).")
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
+            return
+        opts = ctx.options
+        if not opts.ntlm_username:
+            self.policy = None
+            mitmproxy_internals.uninstall()
+            return
+        try:
+            creds = build_credentials(
+                opts.ntlm_username,
+                opts.ntlm_domain,
+                opts.ntlm_workstation,
+                SecretSources(
+                    password=opts.ntlm_password,
+                    password_env=opts.ntlm_password_env,
+                    password_file=opts.ntlm_password_file,
+                    pass_nt=opts.ntlm_pass_nt,
+                    pass_lm=opts.ntlm_pass_lm,
+                    hashes=opts.ntlm_hashes,
+                ),
+            )
+        except CredentialError as e:
+            raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
+        if opts.ntlm_handshake_timeout <= 0:
+            raise exceptions.OptionsError("ntlm_handshake_timeout must be positive")
+        if opts.ntlm_max_failures < 0:
+            raise exceptions.OptionsError("ntlm_max_failures must be 0 or more")
+        try:
+            mitmproxy_internals.check_version()
+        except mitmproxy_internals.UnsupportedMitmproxy as e:
+            raise exceptions.OptionsError(str(e)) from None
+        dialect = Dialect(opts.ntlm_dialect)
+        if dialect is not Dialect.NTLMV2:
+            log.warning("[ntlm] ntlm_dialect=%s is weak (crackable responses); use it only for a "
+                        "parent that refuses NTLMv2", dialect.value)
+        if opts.ntlm_password:
+            log.warning("[ntlm] ntlm_password is set in the options: other local users can see "
+                        "it in the process list; prefer ntlm_password_file or ntlm_pass_nt")
+        self.policy = UpstreamPolicy(
+            creds=creds,
+            dialect=dialect,
+            guard=LockoutGuard(opts.ntlm_max_failures),
+            replay_limit=opts.ntlm_replay_limit,
+            handshake_timeout=float(opts.ntlm_handshake_timeout),
+        )
+        mitmproxy_internals.install(self.policy)
+        log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
+                 dialect.label, creds.principal, creds.workstation)
+
+    def running(self) -> None:
+        if self.policy is None:
+            log.warning("[ntlm] ntlm_username is not set: mitmproxy-ntlm is idle")
+        elif not _upstream_mode():
+            log.info("[ntlm] NTLM is used only for parent proxies (--mode upstream:URL)")
+
+    def done(self) -> None:
+        mitmproxy_internals.uninstall()
+
+    # Known-bad credentials: answer at once instead of opening a parent connection.
+
+    def _blocked_reason(self) -> str | None:
+        if self.policy is None:
+            return None
+        try:
+            self.policy.credentials()
+        except AuthUnavailable as e:
+            return str(e)
+        return None
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        reason = self._blocked_reason()
+        if reason and flow.server_conn.via and not flow.response:
+            flow.response = http.Response.make(502, reason + "\n", {"Content-Type": "text/plain"})
+            self._mark_failed(flow, reason)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        reason = self._blocked_reason()
+        if reason and _upstream_mode() and not flow.response:
+            flow.response = http.Response.make(502, reason + "\n", {"Content-Type": "text/plain"})
+            self._mark_failed(flow, reason)
+
+    # The story of each flow, for mitmweb / console / mitmdump.
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._annotate(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._annotate(flow)
+
+    def _annotate(self, flow: http.HTTPFlow) -> None:
+        if self.policy is None or "ntlm" in flow.metadata:
+            return
+        trace = self.policy.traces.get(flow.server_conn.id)
+        if trace is None:
+            return
+        flow.metadata["ntlm"] = trace.metadata()
+        if not flow.comment:
+            flow.comment = trace.comment()
+        if not trace.ok:
+            flow.marked = ":warning:"
+
+    @staticmethod
+    def _mark_failed(flow: http.HTTPFlow, reason: str) -> None:
+        flow.metadata["ntlm"] = {"result": "blocked", "reason": reason}
+        flow.comment = reason
+        flow.marked = ":warning:"
+
+    # Commands.
+
+    @command.command("ntlm.reset")
+    def reset(self) -> None:
+        """Re-enable credentials disabled by the lockout guard."""
+        if self.policy is not None:
+            self.policy.guard.reset()
+            log.info("[ntlm] lockout guard reset: credentials will be sent again")
+
+    @command.command("ntlm.decode")
+    def decode(self, token: str) -> str:
+        """Decode an NTLM token (base64, optionally prefixed with NTLM); responses are not shown."""
+        return messages.one_line(messages.describe_b64(token))
+
+    @command.command("ntlm.status")
+    def status(self) -> str:
+        """Credentials in use (no secrets), failures, lockout and recent handshakes."""
+        if self.policy is None or self.policy.creds is None:
+            return "mitmproxy-ntlm: idle (ntlm_username not set)"
+        principal = self.policy.creds.principal
+        recent = list(self.policy.traces.values())[-5:]
+        lines: Sequence[str] = [
+            f"user: {principal} ({self.policy.dialect.label})",
+            f"consecutive rejections: {self.policy.guard.failures(principal)}"
+            f" of {self.policy.guard.limit}",
+            f"blocked: {'yes' if self.policy.guard.blocked(principal) else 'no'}",
+            f"handshakes remembered: {len(self.policy.traces)}",
+            *(f"  {t.client} -> {t.parent} {t.kind}: {t.result}" for t in recent),
+        ]
+        return "\n".join(lines)
+
+
+def _upstream_mode() -> bool:
+    modes: Any = ctx.options.mode
+    return any(str(m).startswith("upstream:") for m in modes)

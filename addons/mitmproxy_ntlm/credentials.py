@@ -1,0 +1,175 @@
+"""NTLM credentials held as hashes only, and the ways a user can hand them to us.
+
+A password is turned into its LM and NT hashes as soon as it is read and then dropped: the
+hashes are all NTLM needs, and nothing that can be printed (repr, str, logs) shows them.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
+
+
+class CredentialError(ValueError):
+    """A credential option is missing, malformed or unsafe; the message says which."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One NTLM identity. `lm_hash`/`nt_hash` are the standard 16-byte LMOWFv1/NTOWFv1 values."""
+
+    user: str
+    domain: str
+    workstation: str
+    nt_hash: bytes = field(repr=False)
+    lm_hash: bytes = field(repr=False, default=b"\x00" * 16)
+
+    @property
+    def principal(self) -> str:
+        """The name a log line shows: DOMAIN\\user (no secret)."""
+        return f"{self.domain}\\{self.user}" if self.domain else self.user
+
+    def spnego_username(self) -> str:
+        return f"{self.domain}\\{self.user}" if self.domain else self.user
+
+    def spnego_secret(self) -> str:
+        """The `LM:NT` hex form pyspnego accepts in place of a password."""
+        return f"{self.lm_hash.hex()}:{self.nt_hash.hex()}"
+
+    def __str__(self) -> str:
+        return self.principal
+
+
+def hashes_from_password(password: str) -> tuple[bytes, bytes]:
+    """(LM, NT) hashes of a password, computed with pyspnego's NTLM crypto."""
+    return lmowfv1(password), ntowfv1(password)
+
+
+def parse_hex_hash(value: str, what: str) -> bytes:
+    """A 16-byte hash given as 32 hex digits (spaces and case ignored)."""
+    cleaned = value.strip().replace(" ", "")
+    if len(cleaned) != 32:
+        raise CredentialError(f"{what} must be 32 hex digits, got {len(cleaned)} characters")
+    try:
+        return binascii.unhexlify(cleaned)
+    except binascii.Error:
+        raise CredentialError(f"{what} is not hexadecimal") from None
+
+
+def invert(hash_bytes: bytes) -> bytes:
+    """cntlm prints and expects every hash byte XOR 0xFF; this converts either way."""
+    return bytes(b ^ 0xFF for b in hash_bytes)
+
+
+def parse_standard_hashes(value: str) -> tuple[bytes, bytes]:
+    """`NT` or `LM:NT` in the standard (impacket/pyspnego) hex form."""
+    parts = value.strip().split(":")
+    if len(parts) == 1:
+        return b"\x00" * 16, parse_hex_hash(parts[0], "ntlm_hashes (NT)")
+    if len(parts) == 2:
+        return (
+            parse_hex_hash(parts[0], "ntlm_hashes (LM part)"),
+            parse_hex_hash(parts[1], "ntlm_hashes (NT part)"),
+        )
+    raise CredentialError("ntlm_hashes must be NT or LM:NT, 32 hex digits each")
+
+
+def read_secret_file(path: str) -> str:
+    """First line of a file that only its owner can read (like ~/.ssh keys)."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise CredentialError(f"ntlm_password_file {path}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialError(
+            f"ntlm_password_file {path} is readable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise CredentialError(f"ntlm_password_file {path} is not owned by the current user")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0]:
+        raise CredentialError(f"ntlm_password_file {path} is empty")
+    return lines[0]
+
+
+def split_principal(user: str, domain: str) -> tuple[str, str]:
+    """Accept `DOMAIN\\user` or `user@domain` in the user field; an explicit domain wins."""
+    if "\\" in user:
+        dom, _, name = user.partition("\\")
+        return name, domain or dom
+    if "@" in user and not domain:
+        name, _, dom = user.partition("@")
+        return name, dom
+    return user, domain
+
+
+@dataclass(frozen=True)
+class SecretSources:
+    """The credential options as given; exactly one source of the secret may be set."""
+
+    password: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    pass_nt: str = ""
+    pass_lm: str = ""
+    hashes: str = ""
+
+    def given(self) -> list[str]:
+        names = {
+            "ntlm_password": self.password,
+            "ntlm_password_env": self.password_env,
+            "ntlm_password_file": self.password_file,
+            "ntlm_pass_nt": self.pass_nt,
+            "ntlm_hashes": self.hashes,
+        }
+        return [name for name, value in names.items() if value]
+
+    def resolve(self) -> tuple[bytes, bytes]:
+        """(LM, NT) hashes from whichever single source is set."""
+        given = self.given()
+        if self.pass_lm and not self.pass_nt:
+            raise CredentialError("ntlm_pass_lm needs ntlm_pass_nt as well")
+        if not given:
+            raise CredentialError(
+                "no NTLM secret: set one of ntlm_password_file, ntlm_password_env, "
+                "ntlm_pass_nt (as printed by `cntlm -H` / `mitm-ntlm hash`), ntlm_hashes "
+                "or ntlm_password"
+            )
+        if len(given) > 1:
+            raise CredentialError(f"set only one NTLM secret option, got: {', '.join(given)}")
+        if self.password:
+            return hashes_from_password(self.password)
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise CredentialError(
+                    f"ntlm_password_env: environment variable {self.password_env} is not set"
+                )
+            return hashes_from_password(value)
+        if self.password_file:
+            return hashes_from_password(read_secret_file(self.password_file))
+        if self.pass_nt:
+            nt = invert(parse_hex_hash(self.pass_nt, "ntlm_pass_nt"))
+            lm = invert(parse_hex_hash(self.pass_lm, "ntlm_pass_lm")) if self.pass_lm else None
+            return lm or b"\x00" * 16, nt
+        return parse_standard_hashes(self.hashes)
+
+
+def build_credentials(
+    user: str, domain: str, workstation: str, sources: SecretSources
+) -> Credentials:
+    """Validate the options and derive the hashes (the password is not kept)."""
+    if not user:
+        raise CredentialError("ntlm_username is not set")
+    name, dom = split_principal(user, domain)
+    lm, nt = sources.resolve()
+    return Credentials(
+        user=name, domain=dom, workstation=workstation.upper(), nt_hash=nt, lm_hash=lm
+    )

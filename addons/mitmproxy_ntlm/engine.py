@@ -1,0 +1,474 @@
+"""NTLM to a parent proxy on one connection, as a state machine over bytes (no I/O).
+
+The mitmproxy layer feeds it what the child layer sends (`from_child`), what the parent sends
+(`from_parent`), closes and timeouts, and carries out the returned actions. Keeping it free of
+mitmproxy makes it testable and fuzzable on its own.
+
+Legs, for plain http (absolute-form requests):
+- new connection, request without body: the request itself carries Type 1 (saves a round trip;
+  a parent that needs no auth just serves it, once).
+- new connection, request with body: a `HEAD` probe carries Type 1, so nothing with side
+  effects is sent before the parent has shown it wants NTLM.
+- then the request with Type 3 and its body; later requests go as they are.
+- a 407 on an authenticated connection (re-challenge) restarts the legs with a replay of the
+  request, on a new connection when the 407 closes the old one.
+For CONNECT the same legs run as the tunnel handshake; afterwards bytes bypass the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from . import wire
+from .credentials import Credentials
+from .handshake import ChallengeError, NtlmHandshake
+from .policy import AuthUnavailable, UpstreamPolicy
+from .trace import HandshakeTrace
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+PROXY_AUTHORIZATION = "Proxy-Authorization"
+
+
+@dataclass
+class ToParent:
+    data: bytes
+
+
+@dataclass
+class ToChild:
+    data: bytes
+
+
+@dataclass
+class CloseParent:
+    pass
+
+
+@dataclass
+class Reconnect:
+    """Open a fresh connection to the same parent, then call `reconnected()`."""
+
+
+@dataclass
+class Established:
+    """CONNECT only: the tunnel is open; `leftover` is the first tunnel data."""
+
+    leftover: bytes = b""
+
+
+@dataclass
+class Failed:
+    """CONNECT only: the tunnel cannot be opened; `reason` is shown to the client."""
+
+    reason: str
+
+
+@dataclass
+class StartTimer:
+    """Ask for `timed_out(generation)` after the handshake timeout."""
+
+    generation: int
+
+
+Action = ToParent | ToChild | CloseParent | Reconnect | Established | Failed | StartTimer
+
+
+class ConnState(Enum):
+    UNAUTHENTICATED = "unauthenticated"
+    AUTHENTICATED = "authenticated"
+    NO_AUTH_NEEDED = "no auth needed"
+    FAILED = "failed"
+
+
+class Phase(Enum):
+    IDLE = "idle"  # no request outstanding
+    PLAIN = "plain"  # request sent without auth header
+    LEG1 = "leg1"  # Type 1 sent
+    LEG3 = "leg3"  # Type 3 sent
+
+
+class ParentAuthEngine:
+    """Authenticates one parent connection; see the module docstring for the legs."""
+
+    def __init__(
+        self,
+        policy: UpstreamPolicy,
+        parent: str,
+        client: str,
+        target_host: str,
+        can_reconnect: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.parent = parent
+        self.client = client
+        self.target_host = target_host
+        self.can_reconnect = can_reconnect
+        self.state = ConnState.UNAUTHENTICATED
+        self.trace: HandshakeTrace | None = None
+        self.creds: Credentials | None = None
+        self.phase = Phase.IDLE
+        self.connect_mode = False
+        self.generation = 0
+
+        self._req_in = bytearray()
+        self._req: wire.Head | None = None  # current request head (without auth header)
+        self._req_framer: wire.BodyFramer | None = None
+        self._req_complete = False
+        self._replay: bytearray | None = None  # current request's body, for replay
+        self._probe = False  # leg 1 is a HEAD probe, the request waits for leg 3
+
+        self._resp_in = bytearray()
+        self._passing = False  # response bytes go straight to the child
+        self._skip: wire.BodyFramer | None = None  # a hidden response body being consumed
+        self._after_skip: Callable[[], list[Action]] | None = None
+        self._waiting_for_request_end: Callable[[], list[Action]] | None = None
+        self._challenge: bytes | None = None
+        self._handshake: NtlmHandshake | None = None
+        self._reconnects = 0
+
+    # ---------------------------------------------------------------- helpers
+
+    def _auth_head(self, raw: bytes, token: bytes) -> bytes:
+        return wire.set_header(raw, PROXY_AUTHORIZATION, "NTLM " + wire.b64(token))
+
+    def _fail(self, reason: str, status: int = 502, result: str | None = None) -> list[Action]:
+        """Give up on this connection with a readable error for the client."""
+        self.state = ConnState.FAILED
+        self._passing = False
+        if self.trace and self.trace.result == "pending":
+            self.trace.finish(result or f"failed: {reason}", logging.WARNING)
+            self.policy.record(self.trace_key, self.trace)
+        else:
+            log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
+        self.phase = Phase.IDLE
+        if self.connect_mode:
+            return [Failed(reason), CloseParent()]
+        reason_phrase = {502: "Bad Gateway", 504: "Gateway Timeout"}.get(
+            status, "Proxy Authentication Required"
+        )
+        return [ToChild(wire.error_response(status, reason_phrase, reason)), CloseParent()]
+
+    trace_key: str = ""
+
+    def _start_legs(self) -> list[Action]:
+        """Send Type 1: with the request itself, or with a HEAD probe when it has a body."""
+        assert self._req is not None
+        try:
+            self.creds = self.policy.credentials()
+        except AuthUnavailable as e:
+            return self._fail(str(e))
+        self.generation += 1
+        kind = f"{self._req.first[0]} {self._req.first[1]}"
+        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal)
+        self._handshake = self.policy.handshake(self.creds, self.target_host)
+        token = self._handshake.negotiate()
+        self.trace.sent_type1(token)
+        self.phase = Phase.LEG1
+        self._challenge = None
+        has_body = self._req_framer is not None and (
+            not self._req_framer.done or bool(self._replay)
+        )
+        self._probe = has_body and not self.connect_mode
+        leg = wire.probe_head(self._req) if self._probe else self._req.raw
+        return [ToParent(self._auth_head(leg, token)), StartTimer(self.generation)]
+
+    def _send_leg3(self) -> list[Action]:
+        assert self._req is not None and self._handshake is not None and self.trace
+        assert self._challenge is not None
+        try:
+            token = self._handshake.authenticate(self._challenge)
+        except ChallengeError as e:
+            return self._fail(f"The parent proxy {self.parent} sent an unusable NTLM "
+                              f"challenge: {e}.")
+        self.trace.sent_type3(token)
+        self.phase = Phase.LEG3
+        out: list[Action] = [ToParent(self._auth_head(self._req.raw, token))]
+        if self._replay:
+            out.append(ToParent(bytes(self._replay)))
+        return out
+
+    def _send_plain(self) -> list[Action]:
+        """The buffered request without auth (after a probe showed no auth is needed)."""
+        assert self._req is not None
+        self.phase = Phase.PLAIN
+        out: list[Action] = [ToParent(self._req.raw)]
+        if self._replay:
+            out.append(ToParent(bytes(self._replay)))
+        return out
+
+    # ---------------------------------------------------------------- CONNECT
+
+    def start_connect(self, connect_head: bytes) -> list[Action]:
+        """Begin the tunnel handshake for an assembled CONNECT request head."""
+        self.connect_mode = True
+        try:
+            self._req = wire.parse_request_head(connect_head)
+        except wire.WireError as e:  # pragma: no cover - mitmproxy assembled it
+            return self._fail(f"mitmproxy-ntlm could not read the CONNECT request: {e}")
+        self._req_framer = wire.BodyFramer(0)
+        self._req_complete = True
+        self._replay = bytearray()
+        return self._start_legs()
+
+    # ---------------------------------------------------------------- plain http
+
+    def from_child(self, data: bytes) -> list[Action]:
+        """Request bytes from mitmproxy's HTTP client layer."""
+        if self.state is ConnState.FAILED:
+            return []
+        self._req_in += data
+        out: list[Action] = []
+        while self._req_in and self.state is not ConnState.FAILED:
+            if self._req is None or self._req_complete:
+                try:
+                    raw = wire.split_head(self._req_in)
+                    if raw is None:
+                        break
+                    head = wire.parse_request_head(raw)
+                    framer = wire.request_framer(head)
+                except wire.WireError as e:
+                    out += self._fail(f"mitmproxy-ntlm could not read the request: {e}")
+                    break
+                out += self._begin_request(head, framer)
+            else:
+                assert self._req_framer is not None
+                try:
+                    n = self._req_framer.feed(self._req_in)
+                except wire.WireError as e:
+                    out += self._fail(f"mitmproxy-ntlm could not frame the request body: {e}")
+                    break
+                chunk = bytes(self._req_in[:n])
+                del self._req_in[:n]
+                out += self._body(chunk)
+                if self._req_framer.done:
+                    self._req_complete = True
+                    if self._waiting_for_request_end:
+                        cont, self._waiting_for_request_end = self._waiting_for_request_end, None
+                        out += cont()
+        return out
+
+    def _begin_request(self, head: wire.Head, framer: wire.BodyFramer) -> list[Action]:
+        self._req = head
+        self._req_framer = framer
+        self._req_complete = framer.done
+        self._replay = bytearray()
+        self._resp_in.clear()
+        self._passing = False
+        self._skip = None
+        self._reconnects = 0
+        if self.state is ConnState.UNAUTHENTICATED:
+            return self._start_legs()
+        self.phase = Phase.PLAIN
+        return [ToParent(head.raw)]
+
+    def _body(self, chunk: bytes) -> list[Action]:
+        if not chunk:
+            return []
+        holding = self.phase is Phase.LEG1 and self._probe
+        if self._replay is not None:
+            if holding or len(self._replay) + len(chunk) <= self.policy.replay_limit:
+                self._replay += chunk
+            else:
+                self._replay = None  # too large to replay after a re-challenge
+        if holding:
+            return []
+        return [ToParent(chunk)]
+
+    # ---------------------------------------------------------------- responses
+
+    def from_parent(self, data: bytes) -> list[Action]:
+        """Bytes from the parent connection."""
+        if self._passing:
+            return [ToChild(data)]
+        if self.state is ConnState.FAILED:
+            return []
+        self._resp_in += data
+        out: list[Action] = []
+        while self._resp_in and not self._passing and self.state is not ConnState.FAILED:
+            if self._skip is not None:
+                try:
+                    n = self._skip.feed(self._resp_in)
+                except wire.WireError as e:
+                    out += self._fail(f"The parent proxy {self.parent} sent a malformed "
+                                      f"response body: {e}.")
+                    break
+                del self._resp_in[:n]
+                if not self._skip.done:
+                    break
+                self._skip = None
+                if self._after_skip:
+                    cont, self._after_skip = self._after_skip, None
+                    out += cont()
+                continue
+            try:
+                raw = wire.split_head(self._resp_in)
+                if raw is None:
+                    break
+                head = wire.parse_response_head(raw)
+            except wire.WireError as e:
+                out += self._fail(f"The parent proxy {self.parent} sent a malformed response: {e}.")
+                break
+            out += self._on_response(head)
+            if self.connect_mode and self.state is not ConnState.UNAUTHENTICATED:
+                break
+        return out
+
+    def _skip_body(self, head: wire.Head, then: Callable[[], list[Action]]) -> list[Action]:
+        """Consume the body of a hidden response, then continue with `then`."""
+        method = "HEAD" if self._probe and self.phase is Phase.LEG1 else self._req_method()
+        framer = wire.response_framer(head, method)
+        if framer.until_close:
+            # No framing: the body ends when the parent closes; nothing can follow on it.
+            framer = wire.BodyFramer(0)
+            then = self._reconnect_instead
+        self._skip = framer
+        self._after_skip = then
+        if framer.done:
+            self._skip = None
+            self._after_skip = None
+            return then()
+        return []
+
+    def _reconnect_instead(self) -> list[Action]:
+        return self._reconnect_or_fail("closes the connection after its 407")
+
+    def _req_method(self) -> str:
+        return self._req.first[0] if self._req else "GET"
+
+    def _pass_response(self, head: wire.Head) -> list[Action]:
+        self.phase = Phase.IDLE
+        if self.connect_mode:
+            leftover = bytes(self._resp_in)
+            self._resp_in.clear()
+            return [Established(leftover)]
+        self._passing = True
+        data = head.raw + bytes(self._resp_in)
+        self._resp_in.clear()
+        self.phase = Phase.IDLE
+        return [ToChild(data)]
+
+    def _on_response(self, head: wire.Head) -> list[Action]:
+        status = head.status
+        if self.phase is Phase.LEG1:
+            return self._on_leg1_response(head)
+        if self.phase is Phase.LEG3:
+            return self._on_leg3_response(head)
+        if self.phase is Phase.PLAIN and status == 407:
+            return self._on_rechallenge(head)
+        return self._pass_response(head)
+
+    def _on_leg1_response(self, head: wire.Head) -> list[Action]:
+        assert self.trace is not None
+        status = head.status
+        if status != 407:
+            if self.connect_mode and not 200 <= status < 300:
+                return self._fail(f"The parent proxy {self.parent} refused the CONNECT: "
+                                  f"{status} {head.first[2]}".rstrip())
+            self.trace.finish("no auth needed")
+            self.policy.record(self.trace_key, self.trace)
+            self.state = ConnState.NO_AUTH_NEEDED
+            if self._probe:
+                return self._skip_body(head, self._send_plain)
+            return self._pass_response(head)
+        schemes = wire.offered_schemes(head)
+        self.trace.got_407(f"{status} {head.first[2]}".strip(), schemes)
+        try:
+            challenge = wire.ntlm_challenge(head)
+        except wire.WireError as e:
+            if "not offered" in str(e):
+                return self._fail(f"The parent proxy {self.parent} does not offer NTLM "
+                                  f"(it offers: {', '.join(schemes) or 'nothing'}).")
+            return self._fail(f"The parent proxy {self.parent} sent a malformed NTLM "
+                              f"challenge: {e}.")
+        if not head.keeps_alive():
+            return self._skip_body(head, self._reconnect_instead)
+        if challenge is None:
+            return self._fail(f"The parent proxy {self.parent} answered the NTLM Type 1 "
+                              f"without a challenge.")
+        try:
+            self.trace.got_type2(challenge)
+        except Exception:  # pragma: no cover - describe() never raises
+            pass
+        self._challenge = challenge
+        return self._skip_body(head, self._send_leg3)
+
+    def _on_leg3_response(self, head: wire.Head) -> list[Action]:
+        assert self.trace is not None and self.creds is not None
+        status = head.status
+        if status == 407:
+            text = self.policy.rejected(self.creds, self.parent)
+            self.trace.finish("rejected", logging.WARNING)
+            return self._fail(text, result="rejected")
+        if self.connect_mode and not 200 <= status < 300:
+            return self._fail(f"The parent proxy {self.parent} refused the CONNECT after "
+                              f"authentication: {status} {head.first[2]}".rstrip())
+        self.state = ConnState.AUTHENTICATED
+        self.policy.accepted(self.creds)
+        self.trace.finish("authenticated")
+        self.policy.record(self.trace_key, self.trace)
+        return self._pass_response(head)
+
+    def _on_rechallenge(self, head: wire.Head) -> list[Action]:
+        log.info("[ntlm] %s -> %s: re-challenged (407) on an authenticated connection",
+                 self.client, self.parent)
+        if self._replay is None:
+            return self._fail(f"The parent proxy {self.parent} asked to authenticate again "
+                              f"and the request body was too large to send twice "
+                              f"(ntlm_replay_limit).")
+        self.state = ConnState.UNAUTHENTICATED
+
+        def restart() -> list[Action]:
+            if not head.keeps_alive():
+                return self._reconnect_or_fail("closed the connection with its 407")
+            return self._start_legs()
+
+        def after_body() -> list[Action]:
+            if not self._req_complete:
+                self._waiting_for_request_end = restart
+                return []
+            return restart()
+
+        return self._skip_body(head, after_body)
+
+    # ---------------------------------------------------------------- connection events
+
+    def _reconnect_or_fail(self, what: str) -> list[Action]:
+        if self.can_reconnect and self._reconnects < 1:
+            self._reconnects += 1
+            log.info("[ntlm] %s -> %s: parent %s; reconnecting", self.client, self.parent, what)
+            self.state = ConnState.UNAUTHENTICATED
+            self.phase = Phase.IDLE
+            return [Reconnect()]
+        return self._fail(f"The parent proxy {self.parent} {what} (HTTP/1.0 or Connection: "
+                          f"close), so NTLM cannot complete: it needs one persistent connection.")
+
+    def reconnected(self, err: str | None) -> list[Action]:
+        """The fresh connection asked for by Reconnect is open (or failed with `err`)."""
+        self._resp_in.clear()
+        self._skip = None
+        if err:
+            return self._fail(f"Cannot reconnect to the parent proxy {self.parent}: {err}")
+        return self._start_legs()
+
+    def parent_closed(self) -> tuple[list[Action], bool]:
+        """The parent closed; returns actions and whether the child should see the close."""
+        if self.state is ConnState.FAILED:
+            return [], True
+        handshaking = self.phase in (Phase.LEG1, Phase.LEG3) or self._skip is not None
+        if handshaking and not self._passing:
+            stage = "after the Type 1" if self.phase is Phase.LEG1 else "after the Type 3"
+            return self._fail(f"The parent proxy {self.parent} closed the connection during "
+                              f"the NTLM handshake ({stage})."), True
+        return [], True
+
+    def timed_out(self, generation: int) -> list[Action]:
+        if generation != self.generation or self.phase not in (Phase.LEG1, Phase.LEG3):
+            return []
+        if self._passing or self.state is ConnState.FAILED:
+            return []
+        return self._fail(f"The parent proxy {self.parent} did not answer the NTLM handshake "
+                          f"within {self.policy.handshake_timeout:g} s.", status=504)

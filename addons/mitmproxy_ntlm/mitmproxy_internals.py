@@ -1,0 +1,266 @@
+"""The only module that touches mitmproxy internals: the layer that talks to the parent proxy.
+
+mitmproxy has no public hook that sees the parent's 407, and NTLM must answer it on the same
+connection. `HttpUpstreamProxy` (a private tunnel layer) builds every connection to the parent,
+for CONNECT tunnels and for absolute-form plain http, and mitmproxy looks the class up through
+its module at call time; so `install()` swaps in a subclass that runs `engine.ParentAuthEngine`
+on the connection, and `uninstall()` puts the original back. Verified on the versions in
+`SUPPORTED`; `check_version()` refuses others with a clear message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import ClassVar
+
+import mitmproxy
+from mitmproxy import connection, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import _upstream_proxy
+from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
+from mitmproxy.utils import human
+
+from . import engine as eng
+from .policy import UpstreamPolicy
+
+SUPPORTED = ("10.4.", "11.0.", "12.2.")
+"""mitmproxy release lines this layer was tested against (tunnel.py is identical in all)."""
+
+_ORIGINAL: type[_upstream_proxy.HttpUpstreamProxy] = getattr(
+    _upstream_proxy.HttpUpstreamProxy, "_ntlm_original", _upstream_proxy.HttpUpstreamProxy
+)
+
+
+class UnsupportedMitmproxy(RuntimeError):
+    pass
+
+
+def mitmproxy_version() -> str:
+    from mitmproxy import version
+
+    return getattr(version, "VERSION", getattr(mitmproxy, "__version__", "unknown"))
+
+
+def check_version(version: str | None = None) -> None:
+    """Refuse to patch a mitmproxy whose private layers we have not tested."""
+    version = version or mitmproxy_version()
+    if not version.startswith(SUPPORTED):
+        tested = ", ".join(v + "x" for v in SUPPORTED)
+        raise UnsupportedMitmproxy(
+            f"mitmproxy-ntlm replaces a private mitmproxy layer and is tested with mitmproxy "
+            f"{tested}; this is mitmproxy {version}. Install a tested version, e.g. "
+            f"pip install 'mitmproxy==11.0.2' (Python 3.11) or 'mitmproxy==12.2.3' (Python 3.12+)."
+        )
+    for name in ("_handshake_finished", "on_handshake_error", "event_to_child"):
+        if not hasattr(_ORIGINAL, name):  # pragma: no cover - guards against silent drift
+            raise UnsupportedMitmproxy(f"mitmproxy {version}: TunnelLayer.{name} is missing")
+
+
+class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
+    """`HttpUpstreamProxy` that authenticates to the parent with NTLM."""
+
+    _ntlm_original: ClassVar[type] = _ORIGINAL
+    policy: ClassVar[UpstreamPolicy | None] = None
+
+    def __init__(self, ctx, tunnel_conn: connection.Server, send_connect: bool) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(ctx, tunnel_conn, send_connect)
+        self.engine: eng.ParentAuthEngine | None = None
+        self._tunnel_open = False  # CONNECT established: bytes bypass the engine
+        self._retired: set[connection.Connection] = set()
+        self._timers: dict[commands.RequestWakeup, int] = {}
+        self._pending_failure: str | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _new_engine(self) -> eng.ParentAuthEngine | None:
+        policy = type(self).policy
+        if policy is None or not policy.enabled:
+            return None
+        parent = human.format_address(self.tunnel_connection.address)
+        client = human.format_address(self.context.client.peername)
+        host = self.tunnel_connection.address[0] if self.tunnel_connection.address else ""
+        via = self.context.server.via
+        engine = eng.ParentAuthEngine(
+            policy, parent, client, target_host=host,
+            can_reconnect=not (via and via[0] == "https"),
+        )
+        engine.trace_key = self.conn.id
+        return engine
+
+    def _connect_request_head(self) -> layer.CommandGenerator[bytes]:
+        """Build the CONNECT like mitmproxy does and let other addons edit it once."""
+        assert self.conn.address
+        host, port = self.conn.address[0], self.conn.address[1]
+        host_text = f"[{host}]" if ":" in host else host
+        authority = host_text.encode("idna") + f":{port}".encode()
+        headers = http.Headers()
+        if getattr(self.context.options, "http_connect_send_host_header", True):
+            headers.insert(0, b"Host", authority)
+        flow = http.HTTPFlow(self.context.client, self.tunnel_connection)
+        flow.request = http.Request(
+            host=host, port=port, method=b"CONNECT", scheme=b"", authority=authority,
+            path=b"", http_version=b"HTTP/1.1", headers=headers, content=b"",
+            trailers=None, timestamp_start=time.time(), timestamp_end=time.time(),
+        )
+        yield HttpConnectUpstreamHook(flow)
+        return http1.assemble_request(flow.request)
+
+    # ------------------------------------------------------------------ tunnel hooks
+
+    def start_handshake(self) -> layer.CommandGenerator[None]:
+        self.engine = self._new_engine()
+        if self.engine is None:
+            return (yield from super().start_handshake())
+        if not self.send_connect:
+            # Plain http: the tunnel opens at once; the engine works on each request.
+            return (yield from super().start_handshake())
+        raw = yield from self._connect_request_head()
+        failure = yield from self._run(self.engine.start_connect(raw))
+        if failure:
+            # Report through the normal path so the tunnel state is kept consistent.
+            self._pending_failure = failure
+            yield from self._handle_event(events.DataReceived(self.tunnel_connection, b""))
+
+    def receive_handshake_data(
+        self, data: bytes
+    ) -> layer.CommandGenerator[tuple[bool, str | None]]:
+        if self.engine is None or not self.send_connect:
+            return (yield from super().receive_handshake_data(data))
+        if self._pending_failure:
+            failure, self._pending_failure = self._pending_failure, None
+            return False, failure
+        if not data:
+            return False, None
+        actions = self.engine.from_parent(data)
+        established = next((a for a in actions if isinstance(a, eng.Established)), None)
+        failure = yield from self._run([a for a in actions if not isinstance(a, eng.Established)])
+        if failure:
+            return False, failure
+        if established is not None:
+            self._tunnel_open = True
+            if established.leftover:
+                yield from super().receive_data(established.leftover)
+            return True, None
+        return False, None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command in self._timers:
+            generation = self._timers.pop(event.command)  # type: ignore[arg-type]
+            if self.engine is not None:
+                yield from self._on_timeout(generation)
+            return
+        if isinstance(event, events.ConnectionEvent) and event.connection in self._retired:
+            return  # a parent connection we replaced after a closing 407
+        if (
+            self.engine is not None
+            and self.send_connect
+            and not self._tunnel_open
+            and isinstance(event, events.ConnectionClosed)
+            and event.connection == self.tunnel_connection
+        ):
+            actions, _ = self.engine.parent_closed()
+            failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), None)
+            if failure:
+                yield from self._abort_handshake(failure)
+                self.tunnel_state = self.tunnel_state.CLOSED
+                return
+        yield from super()._handle_event(event)
+
+    def _on_timeout(self, generation: int) -> layer.CommandGenerator[None]:
+        assert self.engine is not None
+        actions = self.engine.timed_out(generation)
+        if not actions:
+            return
+        if self.send_connect and not self._tunnel_open:
+            failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), "timeout")
+            yield from self._abort_handshake(failure)
+        else:
+            yield from self._run(actions)
+
+    def _abort_handshake(self, err: str) -> layer.CommandGenerator[None]:
+        """End a CONNECT handshake with `err` outside receive_handshake_data."""
+        if self.tunnel_state is not self.tunnel_state.ESTABLISHING:
+            return
+        if self.conn != self.tunnel_connection:
+            self.conn.state = connection.ConnectionState.CLOSED
+        if self.tunnel_connection.connected:
+            yield commands.CloseConnection(self.tunnel_connection)
+        yield from self._handshake_finished(err)
+
+    # plain http: every byte of the child's requests and the parent's responses passes here
+
+    def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
+        if self.engine is None or self._tunnel_open:
+            yield from super().send_data(data)
+        else:
+            yield from self._run(self.engine.from_child(data))
+
+    def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
+        if self.engine is None or self._tunnel_open:
+            yield from super().receive_data(data)
+        else:
+            yield from self._run(self.engine.from_parent(data))
+
+    def receive_close(self) -> layer.CommandGenerator[None]:
+        if self.engine is not None and not self._tunnel_open:
+            actions, _ = self.engine.parent_closed()
+            yield from self._run(actions)
+        yield from super().receive_close()
+
+    # ------------------------------------------------------------------ actions
+
+    def _run(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[str | None]:
+        """Carry out engine actions; returns a CONNECT failure reason, if any."""
+        failure: str | None = None
+        for action in actions:
+            if isinstance(action, eng.ToParent):
+                yield commands.SendData(self.tunnel_connection, action.data)
+            elif isinstance(action, eng.ToChild):
+                yield from super().receive_data(action.data)
+            elif isinstance(action, eng.CloseParent):
+                if self.send_connect and not self._tunnel_open:
+                    continue  # the tunnel layer closes it when the handshake fails
+                if self.tunnel_connection.connected:
+                    yield commands.CloseConnection(self.tunnel_connection)
+            elif isinstance(action, eng.StartTimer):
+                policy = type(self).policy
+                timeout = policy.handshake_timeout if policy else 30.0
+                wakeup = commands.RequestWakeup(timeout)
+                self._timers[wakeup] = action.generation
+                yield wakeup
+            elif isinstance(action, eng.Reconnect):
+                failure = yield from self._reconnect()
+            elif isinstance(action, eng.Failed):
+                failure = action.reason
+        return failure
+
+    def _reconnect(self) -> layer.CommandGenerator[str | None]:
+        """Replace the parent connection after a 407 that closed it, and restart the legs."""
+        assert self.engine is not None
+        old = self.tunnel_connection
+        self._retired.add(old)
+        if old.connected:
+            yield commands.CloseConnection(old)
+        fresh = connection.Server(address=old.address)
+        self.tunnel_connection = fresh
+        err = yield commands.OpenConnection(fresh)
+        return (yield from self._run(self.engine.reconnected(err)))
+
+
+def install(policy: UpstreamPolicy) -> None:
+    """Route every new parent connection through NtlmUpstreamProxy with `policy`."""
+    check_version()
+    NtlmUpstreamProxy.policy = policy
+    _upstream_proxy.HttpUpstreamProxy = NtlmUpstreamProxy  # type: ignore[misc]
+
+
+def uninstall() -> None:
+    """Put mitmproxy's own layer back (addon unloaded or script reloaded)."""
+    NtlmUpstreamProxy.policy = None
+    _upstream_proxy.HttpUpstreamProxy = _ORIGINAL  # type: ignore[misc]
+
+
+def installed() -> bool:
+    return _upstream_proxy.HttpUpstreamProxy is NtlmUpstreamProxy

@@ -1,0 +1,103 @@
+"""The story of one authentication exchange: logged stage by stage, summarised for the flow.
+
+Users run this tool because authentication fails and nobody can tell why, so every leg is
+logged with the parent, the client and a timing, and the outcome lands on the flows. Tokens are
+described with `messages.describe` (names, flags, sizes) and never printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import messages
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+
+@dataclass
+class HandshakeTrace:
+    """Stages of one NTLM exchange on one parent connection."""
+
+    parent: str
+    client: str
+    kind: str  # "CONNECT host:port" or "GET http://..."
+    principal: str = ""
+    dialect: str = ""
+    legs: int = 0  # NTLM messages exchanged: Type 1, 2, 3
+    result: str = "pending"  # authenticated | rejected | no auth needed | failed: ...
+    started: float = field(default_factory=time.monotonic)
+    _last: float = field(default_factory=time.monotonic)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
+        now = time.monotonic()
+        entry = {"stage": name, "ms": round((now - self._last) * 1000, 1), **details}
+        self._last = now
+        self.stages.append(entry)
+        text = messages.one_line(details) if details else ""
+        log.log(
+            level,
+            "[ntlm] %s -> %s %s: %s %s (+%.1f ms)",
+            self.client,
+            self.parent,
+            self.kind,
+            name,
+            text,
+            entry["ms"],
+        )
+
+    def sent_type1(self, token: bytes) -> None:
+        self.legs += 1
+        self._stage("Type 1 sent", messages.describe(token), logging.DEBUG)
+
+    def got_407(self, status_line: str, schemes: list[str]) -> None:
+        self._stage("407 received", {"status": status_line, "offers": ", ".join(schemes)},
+                    logging.DEBUG)
+
+    def got_type2(self, token: bytes) -> None:
+        self.legs += 1
+        self._stage("Type 2 received", messages.describe(token), logging.DEBUG)
+
+    def sent_type3(self, token: bytes) -> None:
+        self.legs += 1
+        summary = messages.describe(token)
+        self.dialect = str(summary.get("dialect", ""))
+        self._stage("Type 3 sent", summary, logging.DEBUG)
+
+    def finish(self, result: str, level: int = logging.INFO) -> None:
+        self.result = result
+        self._stage("result", {"result": result, "user": self.principal or "-",
+                               "total_ms": round(self.elapsed_ms, 1)}, level)
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("authenticated", "no auth needed")
+
+    def comment(self) -> str:
+        """One line for mitmweb's comment field."""
+        if self.result == "authenticated":
+            return (f"{self.dialect or 'NTLM'} as {self.principal} via {self.parent}, "
+                    f"{self.legs} legs, {self.elapsed_ms:.0f} ms")
+        if self.result == "no auth needed":
+            return f"parent {self.parent} needed no authentication"
+        if self.result == "rejected":
+            return f"parent {self.parent} rejected credentials for {self.principal}"
+        return f"NTLM to {self.parent} {self.result}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "parent": self.parent,
+            "principal": self.principal,
+            "dialect": self.dialect,
+            "result": self.result,
+            "legs": self.legs,
+            "ms": round(self.elapsed_ms, 1),
+            "stages": self.stages,
+        }

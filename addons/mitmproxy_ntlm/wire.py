@@ -1,0 +1,295 @@
+"""The little HTTP/1 the addon has to read itself: message heads, body framing, challenges.
+
+mitmproxy parses the messages clients see; these helpers only cover the hidden 407 legs and
+the request framing needed to replay a request after a challenge. Every parser here raises
+`WireError` (a ValueError) on bad input and never anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024
+"""Largest message head accepted from a parent; more is treated as an attack or a bug."""
+
+
+class WireError(ValueError):
+    """Input that is not the HTTP/1 we expected; the message is safe to show to a user."""
+
+
+@dataclass
+class Head:
+    """A parsed message head: first line split in three, headers in order, raw bytes."""
+
+    first: tuple[str, str, str]
+    headers: list[tuple[str, str]]
+    raw: bytes
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return ", ".join(values) if values else None
+
+    def tokens(self, name: str) -> set[str]:
+        """Comma-separated tokens of a header, lower-cased (Connection, Transfer-Encoding)."""
+        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
+
+    @property
+    def status(self) -> int:
+        try:
+            return int(self.first[1])
+        except ValueError:
+            raise WireError(f"bad status code {self.first[1][:20]!r}") from None
+
+    @property
+    def version(self) -> str:
+        return self.first[0] if self.first[0].startswith("HTTP/") else self.first[2]
+
+    def keeps_alive(self) -> bool:
+        """HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 only with keep-alive."""
+        conn = self.tokens("connection") | self.tokens("proxy-connection")
+        if "close" in conn:
+            return False
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in conn
+        return True
+
+
+def split_head(buf: bytearray) -> bytes | None:
+    """Remove and return one complete head (through the blank line) from `buf`, if present."""
+    # Tolerate stray CRLFs before a message (RFC 9112 2.2).
+    while buf[:2] == b"\r\n":
+        del buf[:2]
+    end = buf.find(b"\r\n\r\n")
+    if end == -1:
+        if len(buf) > MAX_HEAD:
+            raise WireError(f"message head larger than {MAX_HEAD} bytes")
+        return None
+    if end + 4 > MAX_HEAD:
+        raise WireError(f"message head larger than {MAX_HEAD} bytes")
+    raw = bytes(buf[: end + 4])
+    del buf[: end + 4]
+    return raw
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def parse_head(raw: bytes) -> Head:
+    try:
+        text = raw.decode("iso-8859-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise WireError("undecodable head") from None
+    lines = text.split("\r\n")
+    first = lines[0].split(" ", 2)
+    if len(first) == 2:
+        first.append("")
+    if len(first) != 3 or not first[0]:
+        raise WireError(f"bad first line {lines[0][:60]!r}")
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN.match(name):
+            raise WireError(f"bad header line {line[:60]!r}")
+        headers.append((name, value.strip(" \t")))
+    return Head((first[0], first[1], first[2]), headers, raw)
+
+
+def parse_response_head(raw: bytes) -> Head:
+    head = parse_head(raw)
+    if not head.first[0].startswith("HTTP/1."):
+        raise WireError(f"not an HTTP/1 response: {head.first[0][:20]!r}")
+    if not (len(head.first[1]) == 3 and head.first[1].isdigit()):
+        raise WireError(f"bad status code {head.first[1][:20]!r}")
+    return head
+
+
+def parse_request_head(raw: bytes) -> Head:
+    head = parse_head(raw)
+    if not head.first[2].startswith("HTTP/1."):
+        raise WireError(f"not an HTTP/1 request: {head.first[2][:20]!r}")
+    return head
+
+
+class BodyFramer:
+    """Counts a message body as it streams by, to know where the next message starts.
+
+    `feed` returns how many bytes of `data` belong to this body; `done` turns True at its end.
+    Chunk extensions and trailers are accepted and skipped.
+    """
+
+    MAX_LINE = 4096
+
+    def __init__(self, length: int | None, chunked: bool = False) -> None:
+        # length None and not chunked: the body runs until the connection closes.
+        self.remaining = length
+        self.chunked = chunked
+        self.until_close = length is None and not chunked
+        self.done = length == 0 and not chunked
+        self._state = "size"  # size | data | data_crlf | trailer
+        self._line = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        if self.done:
+            return 0
+        if self.until_close:
+            return len(data)
+        if not self.chunked:
+            assert self.remaining is not None
+            n = min(self.remaining, len(data))
+            self.remaining -= n
+            self.done = self.remaining == 0
+            return n
+        return self._feed_chunked(memoryview(data))
+
+    def _feed_chunked(self, data: memoryview) -> int:
+        pos = 0
+        while pos < len(data) and not self.done:
+            if self._state == "data":
+                assert self.remaining is not None
+                n = min(self.remaining, len(data) - pos)
+                pos += n
+                self.remaining -= n
+                if self.remaining == 0:
+                    self._state = "data_crlf"
+                continue
+            nl = bytes(data[pos:]).find(b"\n")
+            if nl == -1:
+                self._line += data[pos:]
+                pos = len(data)
+                if len(self._line) > self.MAX_LINE:
+                    raise WireError("chunk line too long")
+                break
+            self._line += data[pos : pos + nl + 1]
+            pos += nl + 1
+            line = bytes(self._line).rstrip(b"\r\n")
+            self._line.clear()
+            if self._state == "size":
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise WireError(f"bad chunk size {size_text[:20]!r}") from None
+                if size < 0 or len(size_text) > 16:
+                    raise WireError("bad chunk size")
+                if size == 0:
+                    self._state = "trailer"
+                else:
+                    self.remaining = size
+                    self._state = "data"
+            elif self._state == "data_crlf":
+                if line:
+                    raise WireError("chunk not followed by CRLF")
+                self._state = "size"
+            elif self._state == "trailer" and not line:
+                self.done = True
+        return pos
+
+
+def response_framer(head: Head, request_method: str) -> BodyFramer:
+    """Body framing of a response (RFC 9112 6.3) to a request with `request_method`."""
+    status = head.status
+    if request_method.upper() == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return BodyFramer(0)
+    if request_method.upper() == "CONNECT" and 200 <= status < 300:
+        return BodyFramer(0)
+    return _framer_from_headers(head, default_until_close=True)
+
+
+def request_framer(head: Head) -> BodyFramer:
+    return _framer_from_headers(head, default_until_close=False)
+
+
+def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
+    if "chunked" in head.tokens("transfer-encoding"):
+        return BodyFramer(None, chunked=True)
+    lengths = {v.strip() for v in head.get_all("content-length")}
+    if len(lengths) > 1:
+        raise WireError("conflicting Content-Length headers")
+    if lengths:
+        value = lengths.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise WireError(f"bad Content-Length {value[:20]!r}")
+        return BodyFramer(int(value))
+    return BodyFramer(None) if default_until_close else BodyFramer(0)
+
+
+def offered_schemes(head: Head, header: str = "proxy-authenticate") -> list[str]:
+    """Auth schemes a 407/401 offers, e.g. ['NTLM', 'Negotiate', 'Basic']."""
+    schemes: list[str] = []
+    for value in head.get_all(header):
+        # Each challenge starts with a scheme token; params (realm="a, b") follow it.
+        for part in re.split(r",(?=\s*[A-Za-z][\w-]*(?:\s|$))", value):
+            word = part.strip().split(" ", 1)[0]
+            if word and "=" not in word and word not in schemes:
+                schemes.append(word)
+    return schemes
+
+
+def ntlm_challenge(head: Head, header: str = "proxy-authenticate") -> bytes | None:
+    """The decoded Type 2 token from `NTLM <base64>`, or None when NTLM is offered bare.
+
+    Raises WireError when NTLM is not offered at all or the token is not base64.
+    """
+    offered = False
+    for value in head.get_all(header):
+        for part in value.split(","):
+            words = part.strip().split()
+            if not words or words[0].lower() != "ntlm":
+                continue
+            offered = True
+            if len(words) >= 2:
+                try:
+                    return base64.b64decode(words[1], validate=True)
+                except (binascii.Error, ValueError):
+                    raise WireError("the NTLM challenge is not valid base64") from None
+    if not offered:
+        raise WireError("NTLM is not offered")
+    return None
+
+
+def set_header(head: bytes, name: str, value: str) -> bytes:
+    """`head` with every `name` header removed and `name: value` added before the blank line."""
+    lname = name.lower().encode()
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != lname
+    ]
+    kept.append(f"{name}: {value}".encode("latin-1"))
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+def probe_head(request: Head) -> bytes:
+    """A HEAD request for the same target: the safe first leg for a request with a body."""
+    keep = ("host", "user-agent")
+    lines = [f"HEAD {request.first[1]} {request.first[2]}"]
+    lines += [f"{k}: {v}" for k, v in request.headers if k.lower() in keep]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def error_response(
+    status: int, reason: str, text: str, extra: dict[str, str] | None = None
+) -> bytes:
+    """A complete, closing HTTP/1.1 response with a plain-text body a person can read."""
+    body = (text.rstrip("\n") + "\n").encode("utf-8")
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        "X-Mitmproxy-Ntlm: error",
+    ]
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def b64(token: bytes) -> str:
+    return base64.b64encode(token).decode("ascii")

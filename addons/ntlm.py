@@ -1,0 +1,12 @@
+"""mitmproxy script: authenticate to an NTLM parent proxy.
+
+    mitmdump -s addons/ntlm.py --mode upstream:http://proxy:8080 \
+        --set ntlm_username='CORP\\alice' --set ntlm_password_file=~/.ntlm-password
+
+Works from a checkout (mitmproxy puts this folder on sys.path while loading the script) and
+when the package is installed (`pip install mitmproxy-ntlm`).
+"""
+
+from mitmproxy_ntlm.addon import NtlmUpstreamAuth
+
+addons = [NtlmUpstreamAuth()]

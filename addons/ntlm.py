@@ -4,9 +4,9 @@
         --set ntlm_username='CORP\\alice' --set ntlm_password_file=~/.ntlm-password
 
 Works from a checkout (mitmproxy puts this folder on sys.path while loading the script) and
-when the package is installed (`pip install mitmproxy-ntlm`).
+with the package installed (`pip install .`).
 """
 
-from mitmproxy_ntlm.addon import NtlmUpstreamAuth
+from mitmproxy_ntlm.script import addons
 
-addons = [NtlmUpstreamAuth()]
+__all__ = ["addons"]

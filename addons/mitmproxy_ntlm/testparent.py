@@ -51,6 +51,7 @@ FAULTS: frozenset[str] = frozenset(
         "truncated_challenge",
         "never_answer",
         "close_407",
+        "close_rechallenge",
         "http10_407",
     }
 )
@@ -626,6 +627,7 @@ class ParentProxy:
     ) -> bool | None:
         """Run the NTLM legs; None lets the request through, a bool means a 407 went out."""
         cid = st.conn_id
+        rechallenged = False
         if (
             st.user is not None
             and self.rechallenge_after is not None
@@ -633,6 +635,7 @@ class ParentProxy:
         ):
             logger.debug("conn %d: re-challenging after %d requests", cid, st.forwarded_since_auth)
             st.user, st.ctx, st.forwarded_since_auth = None, None, 0
+            rechallenged = True
 
         auth = head.get("Proxy-Authorization") or ""
         scheme, _, token = auth.strip().partition(" ")
@@ -656,7 +659,9 @@ class ParentProxy:
                 with self._lock:
                     self._basic_count += 1
                 logger.debug("conn %d: Basic credentials offered: refused", cid)
-            close = self.fault == "close_407" and not st.sent_first_407
+            close = (self.fault == "close_407" and not st.sent_first_407) or (
+                self.fault == "close_rechallenge" and rechallenged
+            )
             return await self._send_407(
                 st, writer, head, framing, reader, keep, ["NTLM", 'Basic realm="test"'], close=close
             )
@@ -928,7 +933,9 @@ class ParentProxy:
         framing = _response_framing(resp, req.parts[0])
         drop = _HOP_BY_HOP | resp.tokens("Connection")
         headers = [(k, v) for k, v in resp.headers if k.lower() not in drop]
-        rechunk = framing.kind == "eof"
+        rechunk = framing.kind == "eof" and req.parts[2] != "HTTP/1.0"
+        if framing.kind == "eof" and not rechunk:
+            keep = False  # an HTTP/1.0 client knows no chunked: the body ends with the connection
         if rechunk:  # close-delimited origin body: re-frame as chunked to keep the client alive
             headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
             headers.append(("Transfer-Encoding", "chunked"))

@@ -1,0 +1,72 @@
+"""The addon's own HTTP/1 reading: heads, body framing, challenges, token summaries."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import spnego
+
+from mitmproxy_ntlm import messages, wire
+
+
+def test_chunked_framer_finds_the_end_across_splits() -> None:
+    body = b"5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n"
+    for split in range(1, len(body)):
+        framer = wire.BodyFramer(None, chunked=True)
+        used = framer.feed(body[:split])
+        used += framer.feed(body[split:] + b"NEXT")
+        assert framer.done and used == len(body)
+
+
+def test_framer_rejects_garbage_chunk_size() -> None:
+    framer = wire.BodyFramer(None, chunked=True)
+    with pytest.raises(wire.WireError):
+        framer.feed(b"zz\r\n")
+
+
+def test_response_framing_rules() -> None:
+    head = wire.parse_response_head(b"HTTP/1.1 407 Auth\r\nContent-Length: 10\r\n\r\n")
+    assert wire.response_framer(head, "HEAD").done
+    assert wire.response_framer(head, "GET").remaining == 10
+    closing = wire.parse_response_head(b"HTTP/1.0 407 Auth\r\n\r\n")
+    assert wire.response_framer(closing, "GET").until_close
+    assert not closing.keeps_alive()
+    with pytest.raises(wire.WireError):
+        wire.parse_response_head(b"HTTP/1.1 2x0 Hm\r\n\r\n")
+
+
+def test_head_size_is_bounded() -> None:
+    buf = bytearray(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000)
+    with pytest.raises(wire.WireError, match="larger"):
+        wire.split_head(buf)
+
+
+def test_challenge_parsing() -> None:
+    t2 = base64.b64encode(b"NTLMSSP\x00\x02\x00\x00\x00rest").decode()
+    head = wire.parse_response_head(
+        b"HTTP/1.1 407 x\r\nProxy-Authenticate: Negotiate\r\n"
+        b"Proxy-Authenticate: NTLM " + t2.encode() + b"\r\n"
+        b"Proxy-Authenticate: Basic realm=\"a, b\"\r\n\r\n"
+    )
+    assert wire.ntlm_challenge(head) == base64.b64decode(t2)
+    assert wire.offered_schemes(head) == ["Negotiate", "NTLM", "Basic"]
+    basic_only = wire.parse_response_head(
+        b"HTTP/1.1 407 x\r\nProxy-Authenticate: Basic realm=x\r\n\r\n")
+    with pytest.raises(wire.WireError, match="not offered"):
+        wire.ntlm_challenge(basic_only)
+
+
+def test_set_header_replaces_existing() -> None:
+    head = b"GET http://a/ HTTP/1.1\r\nHost: a\r\nproxy-authorization: Basic x\r\n\r\n"
+    out = wire.set_header(head, "Proxy-Authorization", "NTLM abc")
+    assert out == b"GET http://a/ HTTP/1.1\r\nHost: a\r\nProxy-Authorization: NTLM abc\r\n\r\n"
+
+
+def test_message_summaries_name_fields_but_never_responses() -> None:
+    client = spnego.client("CORP\\alice", "pw", hostname="p", protocol="ntlm")
+    t1 = client.step()
+    summary = messages.describe(t1)
+    assert summary["type"] == 1 and "ntlm" in summary["flags"]
+    assert messages.describe(b"garbage") == {"error": "not an NTLMSSP message"}
+    assert messages.describe_b64("NTLM !!!") == {"error": "not valid base64"}

@@ -315,3 +315,21 @@ def test_pip_download_through_addon(mitm, parent, package_index, password_file, 
     assert r.returncode == 0, r.stdout + r.stderr
     assert any(p.name.startswith("ntlmdemo") for p in tmp_path.iterdir())
     assert parent.snapshot().accepted_count >= 1
+
+
+def test_https_wrong_password_one_type3_and_readable_error(mitm, parent, tls_origin):
+    # mitmproxy connects to the server twice for one intercepted request (eager TLS); the
+    # credentials must still be offered once.
+    m = mitm(parent.url, {**CREDS, "ntlm_password": "wrong",
+                          "ssl_verify_upstream_trusted_ca": str(tls_origin.cert_path)})
+    r = curl("--cacert", str(m.ca_cert), "-x", m.url, "-w", "\n%{http_code}",
+             f"{tls_origin.url}/hello")
+    assert r.stdout.endswith("502")
+    assert f"rejected the NTLM credentials for {PRINCIPAL}" in r.stdout
+    assert parent.snapshot().type3_count == 1
+    passthrough = mitm(parent.url, {**CREDS, "ntlm_password": "wrong"}, "--ignore-hosts", ".*")
+    r = curl("--cacert", str(tls_origin.cert_path), "-x", passthrough.url,
+             f"{tls_origin.url}/hello")
+    assert r.returncode != 0  # 200 went out before the handshake: the tunnel is dropped
+    assert parent.snapshot().type3_count == 2
+    assert passthrough.wait_for("rejected the NTLM credentials")

@@ -192,6 +192,7 @@ class NtlmUpstreamAuth:
         """Re-enable credentials disabled by the lockout guard."""
         if self.policy is not None:
             self.policy.guard.reset()
+            self.policy.rejected_clients.clear()
             log.info("[ntlm] lockout guard reset: credentials will be sent again")
 
     @command.command("ntlm.decode")

@@ -101,8 +101,10 @@ class ParentAuthEngine:
         client: str,
         target_host: str,
         can_reconnect: bool = True,
+        client_id: str | None = None,
     ) -> None:
         self.policy = policy
+        self.client_id = client_id
         self.parent = parent
         self.client = client
         self.target_host = target_host
@@ -158,7 +160,7 @@ class ParentAuthEngine:
         """Send Type 1: with the request itself, or with a HEAD probe when it has a body."""
         assert self._req is not None
         try:
-            self.creds = self.policy.credentials()
+            self.creds = self.policy.credentials(self.client_id)
         except AuthUnavailable as e:
             return self._fail(str(e))
         self.generation += 1
@@ -400,7 +402,7 @@ class ParentAuthEngine:
         assert self.trace is not None and self.creds is not None
         status = head.status
         if status == 407:
-            text = self.policy.rejected(self.creds, self.parent)
+            text = self.policy.rejected(self.creds, self.parent, self.client_id)
             self.trace.finish("rejected", logging.WARNING)
             return self._fail(text, result="rejected")
         if self.connect_mode and not 200 <= status < 300:

@@ -84,7 +84,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         via = self.context.server.via
         engine = eng.ParentAuthEngine(
             policy, parent, client, target_host=host,
-            can_reconnect=not (via and via[0] == "https"),
+            can_reconnect=not (via and via[0] == "https"), client_id=self.context.client.id,
         )
         engine.trace_key = self.conn.id
         return engine

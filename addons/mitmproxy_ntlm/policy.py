@@ -75,15 +75,20 @@ class UpstreamPolicy:
     handshake_timeout: float = 30.0
     traces: OrderedDict[str, HandshakeTrace] = field(default_factory=OrderedDict)
     max_traces: int = 10_000
+    # Client connections whose credentials the parent rejected: mitmproxy may open a second
+    # parent connection for the same client request (eager TLS), which must not log on again.
+    rejected_clients: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
     @property
     def enabled(self) -> bool:
         return self.creds is not None
 
-    def credentials(self) -> Credentials:
+    def credentials(self, client_id: str | None = None) -> Credentials:
         """The credentials to offer now, or AuthUnavailable saying why not."""
         if self.creds is None:  # pragma: no cover - layers only run when enabled
             raise AuthUnavailable("mitmproxy-ntlm has no credentials configured (ntlm_username)")
+        if client_id is not None and client_id in self.rejected_clients:
+            raise AuthUnavailable(self.rejected_clients[client_id])
         principal = self.creds.principal
         if self.guard.blocked(principal):
             raise AuthUnavailable(
@@ -107,7 +112,7 @@ class UpstreamPolicy:
     def accepted(self, creds: Credentials) -> None:
         self.guard.accepted(creds.principal)
 
-    def rejected(self, creds: Credentials, parent: str) -> str:
+    def rejected(self, creds: Credentials, parent: str, client_id: str | None = None) -> str:
         """Count a rejection; return the explanation for the client."""
         count = self.guard.rejected(creds.principal)
         limit = self.guard.limit
@@ -124,4 +129,8 @@ class UpstreamPolicy:
                 )
                 log.error("[ntlm] credentials for %s disabled after %d consecutive rejections",
                           creds.principal, count)
+        if client_id is not None:
+            self.rejected_clients[client_id] = text
+            while len(self.rejected_clients) > self.max_traces:
+                self.rejected_clients.popitem(last=False)
         return text

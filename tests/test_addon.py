@@ -98,3 +98,65 @@ def test_decode_command_describes_without_secrets() -> None:
     assert text.startswith("type=1") and "ntlm" in text
     assert re.search(r"error=not valid base64", addon.decode("%%%"))
     assert os.environ.get("LM_COMPAT_LEVEL") is None  # handshakes restore the environment
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mitmweb_shows_the_authentication_on_the_flow(tmp_path: Path, parent, origin) -> None:
+    import httpx
+
+    web_port = _free_port()
+    m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
+                              "ntlm_password_env": "PW", "web_port": web_port},
+                 confdir=tmp_path, tool="mitmweb", env={"PW": TEST_PASSWORD})
+    with m:
+        assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
+        assert m.wait_for("Web server listening")
+        token = re.search(r"token=([\w-]+)", m.output)
+        params = {"token": token.group(1)} if token else {}  # mitmweb 12 wants its token
+        flows = []
+        deadline = time.monotonic() + 10
+        while not flows and time.monotonic() < deadline:
+            r = httpx.get(f"http://127.0.0.1:{web_port}/flows", params=params)
+            assert r.status_code == 200, r.text
+            flows = [f for f in r.json() if f.get("comment")]
+            time.sleep(0.1)
+        assert flows, m.output[-2000:]
+        assert flows[0]["comment"].startswith(f"NTLMv2 as {TEST_DOMAIN}\\{TEST_USER} via ")
+        assert TEST_PASSWORD not in r.text
+
+
+def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> None:
+    """The mitmproxy console (a real terminal under tmux) loads the addon and shows the flow."""
+    port = _free_port()
+    session = f"ntlm-console-{port}"
+    cmd = (f"PW={TEST_PASSWORD} {Path(sys.executable).parent / 'mitmproxy'} "
+           f"-s {ROOT / 'addons' / 'ntlm.py'} --mode upstream:{parent.url} "
+           f"--listen-host 127.0.0.1 -p {port} --set confdir={tmp_path} "
+           f"--set ntlm_username={TEST_USER} --set ntlm_domain={TEST_DOMAIN} "
+           f"--set ntlm_password_env=PW")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd],
+                   check=True)
+    try:
+        deadline = time.monotonic() + 20
+        out = ""
+        while time.monotonic() < deadline:
+            r = curl("-x", f"http://127.0.0.1:{port}", f"{origin.url}/hello")
+            if r.stdout == "hello":
+                break
+            time.sleep(0.2)
+        assert r.stdout == "hello", r.stderr
+        while time.monotonic() < deadline and "/hello" not in out:
+            out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                 capture_output=True, text=True).stdout
+            time.sleep(0.2)
+        assert "/hello" in out and "200" in out
+        assert parent.snapshot().accepted_count == 1
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

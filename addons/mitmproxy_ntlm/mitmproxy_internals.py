@@ -10,6 +10,7 @@ on the connection, and `uninstall()` puts the original back. Verified on the ver
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import ClassVar
@@ -17,13 +18,15 @@ from typing import ClassVar
 import mitmproxy
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, tunnel
 from mitmproxy.proxy.layers.http import _upstream_proxy
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.utils import human
 
 from . import engine as eng
 from .policy import UpstreamPolicy
+
+log = logging.getLogger("mitmproxy_ntlm")
 
 SUPPORTED = ("10.4.", "11.0.", "12.2.")
 """mitmproxy release lines this layer was tested against (tunnel.py is identical in all)."""
@@ -188,6 +191,27 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if self.tunnel_connection.connected:
             yield commands.CloseConnection(self.tunnel_connection)
         yield from self._handshake_finished(err)
+
+    def _handle_command(self, command: commands.Command) -> layer.CommandGenerator[None]:
+        if (
+            isinstance(command, commands.OpenConnection)
+            and command.connection == self.conn
+            and type(self).policy is not None
+        ):
+            # As TunnelLayer does, but the error names the parent instead of a bare errno.
+            self.command_to_reply_to = command
+            self.tunnel_state = tunnel.TunnelState.ESTABLISHING
+            err = yield commands.OpenConnection(self.tunnel_connection)
+            if err:
+                parent = human.format_address(self.tunnel_connection.address)
+                err = f"Cannot reach the parent proxy {parent}: {err}"
+                log.warning("[ntlm] %s", err)
+                yield from self.event_to_child(events.OpenConnectionCompleted(command, err))
+                self.tunnel_state = tunnel.TunnelState.CLOSED
+            else:
+                yield from self.start_handshake()
+            return
+        yield from super()._handle_command(command)
 
     # plain http: every byte of the child's requests and the parent's responses passes here
 

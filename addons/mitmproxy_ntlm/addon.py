@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.hooks import UpdateHook
 
 from . import messages, mitmproxy_internals
 from .credentials import CredentialError, SecretSources, build_credentials
 from .handshake import Dialect, quiet_spnego_logs
+from .legflows import leg_flows
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
+from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -44,6 +48,8 @@ class NtlmUpstreamAuth:
 
     def __init__(self) -> None:
         self.policy: UpstreamPolicy | None = None
+        # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
+        self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
@@ -76,6 +82,9 @@ class NtlmUpstreamAuth:
                           "Seconds to wait for the parent during an NTLM handshake.")
         loader.add_option("ntlm_replay_limit", int, 16 * 1024 * 1024,
                           "Largest request body kept to resend after a re-challenge (bytes).")
+        loader.add_option("ntlm_show_legs", bool, False,
+                          "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
+                          "own in mitmweb and the console; Type 3 responses are redacted.")
 
     def configure(self, updated: set[str]) -> None:
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
@@ -122,6 +131,7 @@ class NtlmUpstreamAuth:
             guard=LockoutGuard(opts.ntlm_max_failures),
             replay_limit=opts.ntlm_replay_limit,
             handshake_timeout=float(opts.ntlm_handshake_timeout),
+            on_finished=self._handshake_finished,
         )
         mitmproxy_internals.install(self.policy)
         log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
@@ -154,10 +164,32 @@ class NtlmUpstreamAuth:
             self._mark_failed(flow, reason)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        if self.policy is None or not _upstream_mode():
+            return
         reason = self._blocked_reason()
-        if reason and _upstream_mode() and not flow.response:
+        if reason and not flow.response:
             flow.response = http.Response.make(502, reason + "\n", {"Content-Type": "text/plain"})
             self._mark_failed(flow, reason)
+            return
+        self._connect_flows[flow.server_conn.id] = flow
+        while len(self._connect_flows) > 1000:
+            self._connect_flows.popitem(last=False)
+
+    def _handshake_finished(self, trace: HandshakeTrace, client: Any, server: Any) -> None:
+        """Called by the layer when a handshake ends: annotate the CONNECT, show the legs."""
+        connect_flow = self._connect_flows.pop(trace.key, None) if trace.key else None
+        view = ctx.master.addons.get("view")
+        if connect_flow is not None:
+            self._annotate(connect_flow)
+            if view is not None and not trace.ok and view.get_by_id(connect_flow.id) is None:
+                # mitmproxy lists no CONNECT flows; a failed tunnel must not stay invisible.
+                view.add([connect_flow])
+            else:
+                ctx.master.addons.trigger(UpdateHook([connect_flow]))
+        if ctx.options.ntlm_show_legs and view is not None:
+            flows = leg_flows(trace, client, server)
+            if flows:
+                view.add(flows)
 
     # The story of each flow, for mitmweb / console / mitmdump.
 
@@ -171,7 +203,7 @@ class NtlmUpstreamAuth:
         if self.policy is None or "ntlm" in flow.metadata:
             return
         trace = self.policy.traces.get(flow.server_conn.id)
-        if trace is None:
+        if trace is None or trace.result == "pending":
             return
         flow.metadata["ntlm"] = trace.metadata()
         if not flow.comment:
@@ -206,9 +238,15 @@ class NtlmUpstreamAuth:
         if self.policy is None or self.policy.creds is None:
             return "mitmproxy-ntlm: idle (ntlm_username not set)"
         principal = self.policy.creds.principal
-        recent = list(self.policy.traces.values())[-5:]
+        traces = list(self.policy.traces.values())
+        recent = traces[-5:]
+        results: dict[str, int] = {}
+        for t in traces:
+            results[t.result] = results.get(t.result, 0) + 1
         lines: Sequence[str] = [
+            f"parents: {', '.join(str(m) for m in ctx.options.mode)}",
             f"user: {principal} ({self.policy.dialect.label})",
+            "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items())) or "none"),
             f"consecutive rejections: {self.policy.guard.failures(principal)}"
             f" of {self.policy.guard.limit}",
             f"blocked: {'yes' if self.policy.guard.blocked(principal) else 'no'}",

@@ -143,9 +143,9 @@ class ParentAuthEngine:
         self._passing = False
         if self.trace and self.trace.result == "pending":
             self.trace.finish(result or f"failed: {reason}", logging.WARNING)
+        if self.trace:
             self.policy.record(self.trace_key, self.trace)
-        else:
-            log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
+        log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
         self.phase = Phase.IDLE
         if self.connect_mode:
             return [Failed(reason), CloseParent()]
@@ -165,7 +165,8 @@ class ParentAuthEngine:
             return self._fail(str(e))
         self.generation += 1
         kind = f"{self._req.first[0]} {self._req.first[1]}"
-        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal)
+        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
+                                    key=self.trace_key)
         self._handshake = self.policy.handshake(self.creds, self.target_host)
         token = self._handshake.negotiate()
         self.trace.sent_type1(token)
@@ -175,8 +176,9 @@ class ParentAuthEngine:
             not self._req_framer.done or bool(self._replay)
         )
         self._probe = has_body and not self.connect_mode
-        leg = wire.probe_head(self._req) if self._probe else self._req.raw
-        return [ToParent(self._auth_head(leg, token)), StartTimer(self.generation)]
+        leg = self._auth_head(wire.probe_head(self._req) if self._probe else self._req.raw, token)
+        self.trace.sent(leg)
+        return [ToParent(leg), StartTimer(self.generation)]
 
     def _send_leg3(self) -> list[Action]:
         assert self._req is not None and self._handshake is not None and self.trace
@@ -187,6 +189,8 @@ class ParentAuthEngine:
             return self._fail(f"The parent proxy {self.parent} sent an unusable NTLM "
                               f"challenge: {e}.")
         self.trace.sent_type3(token)
+        self.trace.sent(wire.set_header(self._req.raw, PROXY_AUTHORIZATION,
+                                        f"NTLM [Type 3 redacted: {self.trace.dialect}]"))
         self.phase = Phase.LEG3
         out: list[Action] = [ToParent(self._auth_head(self._req.raw, token))]
         if self._replay:
@@ -355,6 +359,8 @@ class ParentAuthEngine:
 
     def _on_response(self, head: wire.Head) -> list[Action]:
         status = head.status
+        if self.trace is not None and self.phase in (Phase.LEG1, Phase.LEG3):
+            self.trace.received(head.raw)
         if self.phase is Phase.LEG1:
             return self._on_leg1_response(head)
         if self.phase is Phase.LEG3:
@@ -456,16 +462,20 @@ class ParentAuthEngine:
             return self._fail(f"Cannot reconnect to the parent proxy {self.parent}: {err}")
         return self._start_legs()
 
-    def parent_closed(self) -> tuple[list[Action], bool]:
-        """The parent closed; returns actions and whether the child should see the close."""
+    def parent_closed(self) -> list[Action]:
+        """The parent closed the connection; the child sees the close after these actions."""
         if self.state is ConnState.FAILED:
-            return [], True
+            return []
         handshaking = self.phase in (Phase.LEG1, Phase.LEG3) or self._skip is not None
         if handshaking and not self._passing:
             stage = "after the Type 1" if self.phase is Phase.LEG1 else "after the Type 3"
             return self._fail(f"The parent proxy {self.parent} closed the connection during "
-                              f"the NTLM handshake ({stage})."), True
-        return [], True
+                              f"the NTLM handshake ({stage}).")
+        return []
+
+    def internal_error(self) -> list[Action]:
+        """A bug in this addon must end in a clear error, not a stuck client."""
+        return self._fail("mitmproxy-ntlm hit an internal error; the log has the details.")
 
     def timed_out(self, generation: int) -> list[Action]:
         if generation != self.generation or self.phase not in (Phase.LEG1, Phase.LEG3):

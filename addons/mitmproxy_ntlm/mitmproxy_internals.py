@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import mitmproxy
 from mitmproxy import connection, http
@@ -120,7 +120,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             # Plain http: the tunnel opens at once; the engine works on each request.
             return (yield from super().start_handshake())
         raw = yield from self._connect_request_head()
-        failure = yield from self._run(self.engine.start_connect(raw))
+        failure = yield from self._run(self._safely(self.engine.start_connect, raw))
         if failure:
             # Report through the normal path so the tunnel state is kept consistent.
             self._pending_failure = failure
@@ -136,7 +136,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             return False, failure
         if not data:
             return False, None
-        actions = self.engine.from_parent(data)
+        actions = self._safely(self.engine.from_parent, data)
         established = next((a for a in actions if isinstance(a, eng.Established)), None)
         failure = yield from self._run([a for a in actions if not isinstance(a, eng.Established)])
         if failure:
@@ -163,7 +163,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             and isinstance(event, events.ConnectionClosed)
             and event.connection == self.tunnel_connection
         ):
-            actions, _ = self.engine.parent_closed()
+            actions = self._safely(self.engine.parent_closed)
             failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), None)
             if failure:
                 yield from self._abort_handshake(failure)
@@ -173,7 +173,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 
     def _on_timeout(self, generation: int) -> layer.CommandGenerator[None]:
         assert self.engine is not None
-        actions = self.engine.timed_out(generation)
+        actions = self._safely(self.engine.timed_out, generation)
         if not actions:
             return
         if self.send_connect and not self._tunnel_open:
@@ -190,6 +190,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             self.conn.state = connection.ConnectionState.CLOSED
         if self.tunnel_connection.connected:
             yield commands.CloseConnection(self.tunnel_connection)
+        self._report_trace()
         yield from self._handshake_finished(err)
 
     def _handle_command(self, command: commands.Command) -> layer.CommandGenerator[None]:
@@ -219,24 +220,50 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if self.engine is None or self._tunnel_open:
             yield from super().send_data(data)
         else:
-            yield from self._run(self.engine.from_child(data))
+            yield from self._run(self._safely(self.engine.from_child, data))
 
     def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
             yield from super().receive_data(data)
         else:
-            yield from self._run(self.engine.from_parent(data))
+            yield from self._run(self._safely(self.engine.from_parent, data))
 
     def receive_close(self) -> layer.CommandGenerator[None]:
         if self.engine is not None and not self._tunnel_open:
-            actions, _ = self.engine.parent_closed()
-            yield from self._run(actions)
+            yield from self._run(self._safely(self.engine.parent_closed))
         yield from super().receive_close()
 
     # ------------------------------------------------------------------ actions
 
+    def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
+        """Run an engine step; an unexpected exception fails this connection cleanly."""
+        assert self.engine is not None
+        try:
+            return step(*args)
+        except Exception:
+            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
+            return self.engine.internal_error()
+
+    def _report_trace(self) -> None:
+        """Hand a finished handshake to the addon once (flow annotations, leg flows)."""
+        trace = self.engine.trace if self.engine else None
+        policy = type(self).policy
+        if trace is None or trace.emitted or trace.result == "pending" or policy is None:
+            return
+        trace.emitted = True
+        if policy.on_finished is not None:
+            try:
+                policy.on_finished(trace, self.context.client, self.tunnel_connection)
+            except Exception:  # annotations must never break the connection
+                log.exception("[ntlm] could not annotate the flows of %s", trace.kind)
+
     def _run(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[str | None]:
         """Carry out engine actions; returns a CONNECT failure reason, if any."""
+        failure = yield from self._perform(actions)
+        self._report_trace()
+        return failure
+
+    def _perform(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[str | None]:
         failure: str | None = None
         for action in actions:
             if isinstance(action, eng.ToParent):
@@ -270,7 +297,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         fresh = connection.Server(address=old.address)
         self.tunnel_connection = fresh
         err = yield commands.OpenConnection(fresh)
-        return (yield from self._run(self.engine.reconnected(err)))
+        return (yield from self._run(self._safely(self.engine.reconnected, err)))
 
 
 def install(policy: UpstreamPolicy) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .credentials import Credentials
 from .handshake import Dialect, NtlmHandshake
@@ -78,6 +80,8 @@ class UpstreamPolicy:
     # Client connections whose credentials the parent rejected: mitmproxy may open a second
     # parent connection for the same client request (eager TLS), which must not log on again.
     rejected_clients: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # Called once per finished handshake with (trace, client connection, parent connection).
+    on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
 
     @property
     def enabled(self) -> bool:

@@ -333,6 +333,8 @@ class ParentProxy:
         self._connections = 0
         self._type1_count = 0
         self._type3_count = 0
+        # Every Type 3 received, base64 as on the wire: tests search logs and flows for them.
+        self.type3_tokens: list[str] = []
         self._accepted_count = 0
         self._rejected_count = 0
         self._basic_count = 0
@@ -692,6 +694,7 @@ class ParentProxy:
         if msg_type == 3:
             with self._lock:
                 self._type3_count += 1
+                self.type3_tokens.append(token)
             ctx, st.ctx = st.ctx, None
             user: str | None = None
             if ctx is None:

@@ -31,6 +31,11 @@ class HandshakeTrace:
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    # The hidden exchanges, for showing them as flows: (request head, response head or None).
+    # Type 3 values are replaced by a summary before they get here.
+    exchanges: list[list[bytes | None]] = field(default_factory=list)
+    emitted: bool = False
+    key: str = ""  # id of the mitmproxy connection the flows use (flow.server_conn.id)
 
     def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
         now = time.monotonic()
@@ -48,6 +53,13 @@ class HandshakeTrace:
             text,
             entry["ms"],
         )
+
+    def sent(self, request_head: bytes) -> None:
+        self.exchanges.append([request_head, None])
+
+    def received(self, response_head: bytes) -> None:
+        if self.exchanges and self.exchanges[-1][1] is None:
+            self.exchanges[-1][1] = response_head
 
     def sent_type1(self, token: bytes) -> None:
         self.legs += 1

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from mitm import Mitmdump
 from mitmproxy_ntlm.testparent import ParentProxy
 from servers import GitServer, Origin, PackageIndex, Squid
 
@@ -100,3 +102,30 @@ def squid_ntlm() -> Iterator[Squid]:
 def squid_noauth() -> Iterator[Squid]:
     """Squid without authentication."""
     yield from _squid("none")
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    """The test password in a 0600 file, the recommended way to give it to the addon."""
+    f = tmp_path / "ntlm-password"
+    f.write_text(TEST_PASSWORD + "\n")
+    f.chmod(0o600)
+    return f
+
+
+@pytest.fixture
+def mitm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Mitmdump]]:
+    """Factory: start mitmdump with the addon; every instance is stopped after the test."""
+    confdir = tmp_path_factory.getbasetemp() / "mitm-confdir"
+    confdir.mkdir(exist_ok=True)
+    started: list[Mitmdump] = []
+
+    def start(parent_url: str | None, options: dict | None = None, *args: str,
+              expect_failure: bool = False, env: dict | None = None) -> Mitmdump:
+        m = Mitmdump(parent_url, options, *args, confdir=confdir, env=env)
+        started.append(m)
+        return m.start(expect_failure=expect_failure)
+
+    yield start
+    for m in started:
+        m.stop()

@@ -783,6 +783,15 @@ class Squid:
         except FileNotFoundError:
             return []
 
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> bool:
+        """True once an access log line contains `text` (lines land when transactions end)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.access_log()):
+                return True
+            time.sleep(0.05)
+        return any(text in line for line in self.access_log())
+
     def cache_log(self) -> list[str]:
         """Lines of cache.log so far."""
         try:

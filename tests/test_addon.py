@@ -79,7 +79,7 @@ def test_options_change_reenables_credentials_and_done_restores_mitmproxy() -> N
         policy = addon.policy
         assert policy is not None and policy.creds is not None
         for _ in range(2):
-            policy.rejected(policy.creds, "parent:8080")
+            policy.rejected_by_parent(policy.creds, "parent:8080")
         assert "stopped sending the credentials" in (addon._blocked_reason() or "")
         tctx.configure(addon, ntlm_password="y")
         assert addon._blocked_reason() is None
@@ -152,7 +152,7 @@ def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> No
                 break
             time.sleep(0.2)
         assert r.stdout == "hello", r.stderr
-        while time.monotonic() < deadline and "/hello" not in out:
+        while time.monotonic() < deadline and not ("/hello" in out and "200" in out):
             out = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
                                  capture_output=True, text=True).stdout
             time.sleep(0.2)

@@ -115,7 +115,7 @@ def test_connect_tunnel_to_tls_origin(
             TEST_PRINCIPAL,
         )
     else:
-        assert any("TCP_TUNNEL/200" in line for line in proxy.access_log())
+        assert proxy.wait_for_log("TCP_TUNNEL/200")
 
 
 def test_one_handshake_for_many_urls(parent: ParentProxy, origin: Origin) -> None:

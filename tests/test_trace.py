@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -32,8 +33,10 @@ class Web:
         token = re.search(r"token=([\w-]+)", m.output)
         self.params = {"token": token.group(1)} if token else {}
         self.base = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(params=self.params)
-        self.client.get(self.base + "/")  # sets the _xsrf cookie for POSTs
+        # Tornado checks POSTs by double submit: the same value as cookie and header.
+        self.xsrf = secrets.token_hex(16)
+        self.client = httpx.Client(params=self.params, cookies={
+            "_xsrf": self.xsrf, "_mitmproxy_xsrf": self.xsrf})  # the name changed in 12
 
     def flows(self) -> list[dict]:
         return self.client.get(self.base + "/flows").json()
@@ -42,9 +45,8 @@ class Web:
         return self.client.get(self.base + "/flows/dump").content
 
     def command(self, name: str, *args: str) -> str:
-        xsrf = self.client.cookies.get("_xsrf", "")
         r = self.client.post(f"{self.base}/commands/{name}", json={"arguments": list(args)},
-                             headers={"X-XSRFToken": xsrf})
+                             headers={"X-XSRFToken": self.xsrf})
         assert r.status_code == 200, r.text
         return str(r.json().get("value", r.json()))
 

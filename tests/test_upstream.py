@@ -8,45 +8,17 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl
+from mitm import curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
 from servers import client_env
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
 PRINCIPAL = f"{TEST_DOMAIN}\\{TEST_USER}"
-
-
-@pytest.fixture
-def password_file(tmp_path: Path) -> Path:
-    f = tmp_path / "ntlm-password"
-    f.write_text(TEST_PASSWORD + "\n")
-    f.chmod(0o600)
-    return f
-
-
-@pytest.fixture
-def mitm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Mitmdump]]:
-    """Factory: start mitmdump with the addon; every instance is stopped after the test."""
-    confdir = tmp_path_factory.getbasetemp() / "mitm-confdir"
-    confdir.mkdir(exist_ok=True)
-    started: list[Mitmdump] = []
-
-    def start(parent_url: str | None, options: dict | None = None, *args: str,
-              expect_failure: bool = False, env: dict | None = None) -> Mitmdump:
-        m = Mitmdump(parent_url, options, *args, confdir=confdir, env=env)
-        started.append(m)
-        return m.start(expect_failure=expect_failure)
-
-    yield start
-    for m in started:
-        m.stop()
 
 
 def secrets_absent(text: str) -> None:
@@ -76,8 +48,7 @@ def test_plain_http_through_squid(mitm, squid_ntlm, origin, password_file):
     m = mitm(squid_ntlm.url, {**CREDS, "ntlm_password_file": password_file})
     r = curl("-x", m.url, f"{origin.url}/hello", f"{origin.url}/hello")
     assert r.stdout == "hellohello", r.stderr
-    log = "\n".join(squid_ntlm.access_log())
-    assert "TCP_DENIED/407" in log and "TCP_MISS/200" in log
+    assert squid_ntlm.wait_for_log("TCP_MISS/200") and squid_ntlm.wait_for_log("TCP_DENIED/407")
     # Squid's fake helper sends a Type 2 without TargetInfo; NTLMv2 must still work.
     assert m.wait_for("target_info=none") and "dialect=NTLMv2" in m.output
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
@@ -18,9 +17,10 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 
 from . import messages, mitmproxy_internals
-from .credentials import CredentialError, SecretSources, build_credentials
+from .credentials import CredentialError, Credentials, SecretSources, build_credentials
 from .handshake import Dialect, quiet_spnego_logs
 from .legflows import leg_flows
+from .multiuser import ClientLogins
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
 from .trace import HandshakeTrace
 
@@ -40,6 +40,10 @@ CREDENTIAL_OPTIONS = (
     "ntlm_max_failures",
     "ntlm_handshake_timeout",
     "ntlm_replay_limit",
+    "ntlm_multiuser",
+    "ntlm_realm",
+    "ntlm_lockout_cooldown",
+    "proxyauth",
 )
 
 
@@ -48,6 +52,7 @@ class NtlmUpstreamAuth:
 
     def __init__(self) -> None:
         self.policy: UpstreamPolicy | None = None
+        self.logins: ClientLogins | None = None
         # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
         self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
 
@@ -82,6 +87,15 @@ class NtlmUpstreamAuth:
                           "Seconds to wait for the parent during an NTLM handshake.")
         loader.add_option("ntlm_replay_limit", int, 16 * 1024 * 1024,
                           "Largest request body kept to resend after a re-challenge (bytes).")
+        loader.add_option("ntlm_multiuser", bool, False,
+                          "Multi-user mode: clients send Proxy-Authorization: Basic with their "
+                          "own DOMAIN\\user and password, used for NTLM towards the parent. "
+                          "ntlm_domain is the default domain.")
+        loader.add_option("ntlm_realm", str, "mitmproxy-ntlm",
+                          "Realm of the Basic challenge sent to clients in multi-user mode.")
+        loader.add_option("ntlm_lockout_cooldown", int, 300,
+                          "Multi-user mode: seconds a user's credentials stay blocked after "
+                          "ntlm_max_failures consecutive rejections.")
         loader.add_option("ntlm_show_legs", bool, False,
                           "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
                           "own in mitmweb and the console; Type 3 responses are redacted.")
@@ -90,8 +104,12 @@ class NtlmUpstreamAuth:
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
             return
         opts = ctx.options
+        if opts.ntlm_multiuser:
+            self._configure_multiuser()
+            return
         if not opts.ntlm_username:
             self.policy = None
+            self.logins = None
             mitmproxy_internals.uninstall()
             return
         try:
@@ -110,6 +128,42 @@ class NtlmUpstreamAuth:
             )
         except CredentialError as e:
             raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
+        if opts.ntlm_password:
+            log.warning("[ntlm] ntlm_password is set in the options: other local users can see "
+                        "it in the process list; prefer ntlm_password_file or ntlm_pass_nt")
+        self.logins = None
+        self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+        log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
+                 self._dialect().label, creds.principal, creds.workstation)
+
+    def _configure_multiuser(self) -> None:
+        opts = ctx.options
+        given = [name for name in ("ntlm_username", "ntlm_password", "ntlm_password_env",
+                                   "ntlm_password_file", "ntlm_pass_nt", "ntlm_hashes")
+                 if getattr(opts, name)]
+        if given:
+            raise exceptions.OptionsError(
+                f"ntlm_multiuser takes each user's credentials from the clients; remove "
+                f"{', '.join(given)} (a fixed identity would be handed to every client)")
+        if opts.proxyauth and not all(str(m).startswith("socks5") for m in opts.mode):
+            raise exceptions.OptionsError(
+                "ntlm_multiuser reads the clients' Basic credentials itself and cannot be "
+                "combined with proxyauth (which removes them before this addon sees them). "
+                "Only a SOCKS5-only instance needs proxyauth (e.g. --set proxyauth=any), because "
+                "mitmproxy asks SOCKS5 clients for a password only when it is set.")
+        self._install(creds=None, guard=LockoutGuard(opts.ntlm_max_failures,
+                                                     cooldown=float(opts.ntlm_lockout_cooldown)))
+        assert self.policy is not None
+        self.logins = ClientLogins(self.policy, opts.ntlm_domain, opts.ntlm_workstation.upper())
+        log.info("[ntlm] multi-user mode: clients authenticate with Basic, %s towards the parent "
+                 "(default domain %s)", self._dialect().label, opts.ntlm_domain or "none")
+
+    def _dialect(self) -> Dialect:
+        return Dialect(ctx.options.ntlm_dialect)
+
+    def _install(self, creds: Credentials | None, guard: LockoutGuard) -> None:
+        """Validate the shared options and route parent connections through the NTLM layer."""
+        opts = ctx.options
         if opts.ntlm_handshake_timeout <= 0:
             raise exceptions.OptionsError("ntlm_handshake_timeout must be positive")
         if opts.ntlm_max_failures < 0:
@@ -118,58 +172,87 @@ class NtlmUpstreamAuth:
             mitmproxy_internals.check_version()
         except mitmproxy_internals.UnsupportedMitmproxy as e:
             raise exceptions.OptionsError(str(e)) from None
-        dialect = Dialect(opts.ntlm_dialect)
+        dialect = self._dialect()
         if dialect is not Dialect.NTLMV2:
             log.warning("[ntlm] ntlm_dialect=%s is weak (crackable responses); use it only for a "
                         "parent that refuses NTLMv2", dialect.value)
-        if opts.ntlm_password:
-            log.warning("[ntlm] ntlm_password is set in the options: other local users can see "
-                        "it in the process list; prefer ntlm_password_file or ntlm_pass_nt")
         self.policy = UpstreamPolicy(
             creds=creds,
             dialect=dialect,
-            guard=LockoutGuard(opts.ntlm_max_failures),
+            guard=guard,
             replay_limit=opts.ntlm_replay_limit,
             handshake_timeout=float(opts.ntlm_handshake_timeout),
+            multiuser=opts.ntlm_multiuser,
+            realm=opts.ntlm_realm,
+            rejected_ttl=float(opts.ntlm_lockout_cooldown),
             on_finished=self._handshake_finished,
         )
         mitmproxy_internals.install(self.policy)
-        log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
-                 dialect.label, creds.principal, creds.workstation)
 
     def running(self) -> None:
         if self.policy is None:
             log.warning("[ntlm] ntlm_username is not set: mitmproxy-ntlm is idle")
-        elif not _upstream_mode():
-            log.info("[ntlm] NTLM is used only for parent proxies (--mode upstream:URL)")
+        elif not _upstream_mode() and not ctx.options.ntlm_parent:
+            log.info("[ntlm] NTLM is used only towards a parent proxy: --mode upstream:URL, "
+                     "or ntlm_parent in regular/socks5 mode")
 
     def done(self) -> None:
         mitmproxy_internals.uninstall()
 
+    def socks5_auth(self, data: Any) -> None:
+        """SOCKS5 username/password (offered when proxyauth is set) become the identity."""
+        if self.logins is None:
+            return
+        problem = self.logins.pin(data.client_conn, data.username, data.password)
+        data.valid = problem is None and data.valid
+        if problem:
+            log.warning("[ntlm] SOCKS5 client refused: %s", problem)
+
+    def client_disconnected(self, client: Any) -> None:
+        if self.logins is not None:
+            self.logins.forget(client.id)
+
     # Known-bad credentials: answer at once instead of opening a parent connection.
 
-    def _blocked_reason(self) -> str | None:
+    def _blocked_reason(self, client_id: str | None = None) -> str | None:
         if self.policy is None:
             return None
         try:
-            self.policy.credentials()
+            self.policy.credentials(client_id)
         except AuthUnavailable as e:
             return str(e)
         return None
 
+    def _refuse(self, flow: http.HTTPFlow, reason: str) -> None:
+        assert self.policy is not None
+        status, headers = self.policy.failure_response()
+        flow.response = http.Response.make(
+            status, reason + "\n", {"Content-Type": "text/plain", **headers})
+        self._mark_failed(flow, reason)
+
+    def _check_client(self, flow: http.HTTPFlow) -> bool:
+        """Multi-user login and known-bad credentials, before any parent connection opens."""
+        if self.policy is None or flow.response:
+            return False
+        if self.logins is not None:
+            problem = self.logins.authenticate(flow)
+            if problem:
+                self._refuse(flow, problem)
+                return False
+        reason = self._blocked_reason(flow.client_conn.id if self.policy.multiuser else None)
+        if reason:
+            self._refuse(flow, reason)
+            return False
+        return True
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        reason = self._blocked_reason()
-        if reason and flow.server_conn.via and not flow.response:
-            flow.response = http.Response.make(502, reason + "\n", {"Content-Type": "text/plain"})
-            self._mark_failed(flow, reason)
+        if _to_parent(flow):
+            self._check_client(flow)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if self.policy is None or not _upstream_mode():
+        if self.policy is None or not _to_parent(flow):
             return
-        reason = self._blocked_reason()
-        if reason and not flow.response:
-            flow.response = http.Response.make(502, reason + "\n", {"Content-Type": "text/plain"})
-            self._mark_failed(flow, reason)
+        if not self._check_client(flow):
             return
         self._connect_flows[flow.server_conn.id] = flow
         while len(self._connect_flows) > 1000:
@@ -224,7 +307,7 @@ class NtlmUpstreamAuth:
         """Re-enable credentials disabled by the lockout guard."""
         if self.policy is not None:
             self.policy.guard.reset()
-            self.policy.rejected_clients.clear()
+            self.policy.rejected.clear()
             log.info("[ntlm] lockout guard reset: credentials will be sent again")
 
     @command.command("ntlm.decode")
@@ -234,26 +317,37 @@ class NtlmUpstreamAuth:
 
     @command.command("ntlm.status")
     def status(self) -> str:
-        """Credentials in use (no secrets), failures, lockout and recent handshakes."""
-        if self.policy is None or self.policy.creds is None:
-            return "mitmproxy-ntlm: idle (ntlm_username not set)"
-        principal = self.policy.creds.principal
-        traces = list(self.policy.traces.values())
-        recent = traces[-5:]
+        """Parents, users (no secrets), handshakes, rejections, lockouts, recent handshakes."""
+        policy = self.policy
+        if policy is None:
+            return "mitmproxy-ntlm: idle (set ntlm_username, or ntlm_multiuser)"
+        if policy.creds is not None:
+            users = [policy.creds.principal]
+            mode = f"single user ({policy.dialect.label})"
+        else:
+            users = sorted({c.principal for c in policy.identities.values()})
+            mode = (f"multi-user, {len(policy.identities)} client connections "
+                    f"({policy.dialect.label})")
+        traces = list(policy.traces.values())
         results: dict[str, int] = {}
         for t in traces:
             results[t.result] = results.get(t.result, 0) + 1
-        lines: Sequence[str] = [
+        lines = [
             f"parents: {', '.join(str(m) for m in ctx.options.mode)}",
-            f"user: {principal} ({self.policy.dialect.label})",
+            f"mode: {mode}",
             "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items())) or "none"),
-            f"consecutive rejections: {self.policy.guard.failures(principal)}"
-            f" of {self.policy.guard.limit}",
-            f"blocked: {'yes' if self.policy.guard.blocked(principal) else 'no'}",
-            f"handshakes remembered: {len(self.policy.traces)}",
-            *(f"  {t.client} -> {t.parent} {t.kind}: {t.result}" for t in recent),
         ]
+        for user in users:
+            blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
+            lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "
+                         f"{policy.guard.limit}{blocked}")
+        lines += [f"  {t.client} -> {t.parent} {t.kind}: {t.result}" for t in traces[-5:]]
         return "\n".join(lines)
+
+
+def _to_parent(flow: http.HTTPFlow) -> bool:
+    """The flow goes through a parent: upstream mode, or routed by ParentRouter (via set)."""
+    return flow.server_conn.via is not None or _upstream_mode()
 
 
 def _upstream_mode() -> bool:

@@ -137,8 +137,13 @@ class ParentAuthEngine:
     def _auth_head(self, raw: bytes, token: bytes) -> bytes:
         return wire.set_header(raw, PROXY_AUTHORIZATION, "NTLM " + wire.b64(token))
 
-    def _fail(self, reason: str, status: int = 502, result: str | None = None) -> list[Action]:
-        """Give up on this connection with a readable error for the client."""
+    def _fail(self, reason: str, status: int = 502, result: str | None = None,
+              auth_failure: bool = False) -> list[Action]:
+        """Give up on this connection with a readable error for the client.
+
+        `auth_failure`: the credentials were rejected or withheld; the policy decides how the
+        client is told (a 407 challenge in multi-user mode, so it can retry).
+        """
         self.state = ConnState.FAILED
         self._passing = False
         if self.trace and self.trace.result == "pending":
@@ -149,10 +154,14 @@ class ParentAuthEngine:
         self.phase = Phase.IDLE
         if self.connect_mode:
             return [Failed(reason), CloseParent()]
+        headers: dict[str, str] = {}
+        if auth_failure:
+            status, headers = self.policy.failure_response()
         reason_phrase = {502: "Bad Gateway", 504: "Gateway Timeout"}.get(
             status, "Proxy Authentication Required"
         )
-        return [ToChild(wire.error_response(status, reason_phrase, reason)), CloseParent()]
+        response = wire.error_response(status, reason_phrase, reason, headers)
+        return [ToChild(response), CloseParent()]
 
     trace_key: str = ""
 
@@ -162,7 +171,7 @@ class ParentAuthEngine:
         try:
             self.creds = self.policy.credentials(self.client_id)
         except AuthUnavailable as e:
-            return self._fail(str(e))
+            return self._fail(str(e), auth_failure=True)
         self.generation += 1
         kind = f"{self._req.first[0]} {self._req.first[1]}"
         self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
@@ -234,7 +243,7 @@ class ParentAuthEngine:
                     raw = wire.split_head(self._req_in)
                     if raw is None:
                         break
-                    head = wire.parse_request_head(raw)
+                    head = wire.absolute_form(wire.parse_request_head(raw))
                     framer = wire.request_framer(head)
                 except wire.WireError as e:
                     out += self._fail(f"mitmproxy-ntlm could not read the request: {e}")
@@ -268,8 +277,24 @@ class ParentAuthEngine:
         self._reconnects = 0
         if self.state is ConnState.UNAUTHENTICATED:
             return self._start_legs()
+        if self.state is ConnState.AUTHENTICATED and self._user_changed():
+            # This connection is authenticated as someone else: it must not carry the request.
+            if not self.can_reconnect:
+                return self._fail("This client connection changed users; open a new "
+                                  "connection (an https parent cannot be re-authenticated).")
+            log.info("[ntlm] %s -> %s: new user on this client connection; new parent "
+                     "connection", self.client, self.parent)
+            self.state = ConnState.UNAUTHENTICATED
+            self.phase = Phase.IDLE
+            return [Reconnect()]
         self.phase = Phase.PLAIN
         return [ToParent(head.raw)]
+
+    def _user_changed(self) -> bool:
+        if not self.policy.multiuser or self.creds is None:
+            return False
+        current = self.policy.identities.get(self.client_id or "")
+        return current is None or current != self.creds
 
     def _body(self, chunk: bytes) -> list[Action]:
         if not chunk:
@@ -408,9 +433,9 @@ class ParentAuthEngine:
         assert self.trace is not None and self.creds is not None
         status = head.status
         if status == 407:
-            text = self.policy.rejected(self.creds, self.parent, self.client_id)
+            text = self.policy.rejected_by_parent(self.creds, self.parent, self.client_id)
             self.trace.finish("rejected", logging.WARNING)
-            return self._fail(text, result="rejected")
+            return self._fail(text, result="rejected", auth_failure=True)
         if self.connect_mode and not 200 <= status < 300:
             return self._fail(f"The parent proxy {self.parent} refused the CONNECT after "
                               f"authentication: {status} {head.first[2]}".rstrip())

@@ -19,7 +19,7 @@ import mitmproxy
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, tunnel
-from mitmproxy.proxy.layers.http import _upstream_proxy
+from mitmproxy.proxy.layers.http import HttpClient, _upstream_proxy
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.utils import human
 
@@ -113,6 +113,10 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ tunnel hooks
 
     def start_handshake(self) -> layer.CommandGenerator[None]:
+        if self.send_connect and isinstance(self.child_layer, HttpClient):
+            # Regular/SOCKS mode routed via a parent: plain http goes absolute-form, as in
+            # upstream mode, not CONNECT to port 80 (which real parents refuse).
+            self.send_connect = False
         self.engine = self._new_engine()
         if self.engine is None:
             return (yield from super().start_handshake())
@@ -298,6 +302,12 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self.tunnel_connection = fresh
         err = yield commands.OpenConnection(fresh)
         return (yield from self._run(self._safely(self.engine.reconnected, err)))
+
+
+def parent_tunnel(context: Any) -> layer.Layer:
+    """The parent tunnel (CONNECT with NTLM) for a regular-mode CONNECT or a SOCKS5 connection,
+    as upstream mode builds it for its CONNECTs; mitmproxy picks the layer under it."""
+    return NtlmUpstreamProxy.make(context, True)[0]
 
 
 def install(policy: UpstreamPolicy) -> None:

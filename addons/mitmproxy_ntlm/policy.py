@@ -66,75 +66,131 @@ class AuthUnavailable(Exception):
     """Credentials must not (or cannot) be sent; the message is shown to the client."""
 
 
+def _bounded_set(store: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    store[key] = value
+    store.move_to_end(key)
+    while len(store) > limit:
+        store.popitem(last=False)
+
+
 @dataclass
 class UpstreamPolicy:
-    """Configuration and shared state for authenticating to parent proxies."""
+    """Configuration and shared state for authenticating to parent proxies.
+
+    Single-user: `creds` are offered for every client. Multi-user: each client connection
+    has its own identity (from its Basic credentials, see `multiuser.py`), and the lockout
+    guard counts per user.
+    """
 
     creds: Credentials | None
     dialect: Dialect = Dialect.NTLMV2
     guard: LockoutGuard = field(default_factory=lambda: LockoutGuard(3))
     replay_limit: int = 16 * 1024 * 1024
     handshake_timeout: float = 30.0
+    multiuser: bool = False
+    realm: str = "mitmproxy-ntlm"
     traces: OrderedDict[str, HandshakeTrace] = field(default_factory=OrderedDict)
     max_traces: int = 10_000
-    # Client connections whose credentials the parent rejected: mitmproxy may open a second
-    # parent connection for the same client request (eager TLS), which must not log on again.
-    rejected_clients: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # Multi-user: the identity each client connection authenticated with.
+    identities: dict[str, Credentials] = field(default_factory=dict)
+    # Rejections already paid for: mitmproxy may open a second parent connection for the same
+    # client request (eager TLS), and clients retry; neither may log on again with the same
+    # secret. Keyed by client connection (single user) or by (user, NT hash) (multi-user).
+    rejected: OrderedDict[Any, tuple[float, str]] = field(default_factory=OrderedDict)
+    rejected_ttl: float = 300.0
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.creds is not None
+        return self.creds is not None or self.multiuser
+
+    def _rejection_key(self, creds: Credentials, client_id: str | None) -> Any:
+        return (creds.principal.lower(), creds.nt_hash) if self.multiuser else client_id
+
+    def known_rejection(self, creds: Credentials, client_id: str | None) -> str | None:
+        """The explanation of an earlier rejection of these credentials, if still current."""
+        key = self._rejection_key(creds, client_id)
+        entry = self.rejected.get(key)
+        if entry is None:
+            return None
+        if self.multiuser and time.monotonic() - entry[0] > self.rejected_ttl:
+            del self.rejected[key]
+            return None
+        return entry[1]
 
     def credentials(self, client_id: str | None = None) -> Credentials:
-        """The credentials to offer now, or AuthUnavailable saying why not."""
-        if self.creds is None:  # pragma: no cover - layers only run when enabled
+        """The credentials to offer now for this client, or AuthUnavailable saying why not."""
+        if self.multiuser:
+            creds = self.identities.get(client_id or "")
+            if creds is None:
+                raise AuthUnavailable("Proxy authentication required: send your user name "
+                                      "(DOMAIN\\user) and password with Basic authentication.")
+        elif self.creds is None:  # pragma: no cover - layers only run when enabled
             raise AuthUnavailable("mitmproxy-ntlm has no credentials configured (ntlm_username)")
-        if client_id is not None and client_id in self.rejected_clients:
-            raise AuthUnavailable(self.rejected_clients[client_id])
-        principal = self.creds.principal
+        else:
+            creds = self.creds
+        earlier = self.known_rejection(creds, client_id)
+        if earlier:
+            raise AuthUnavailable(earlier)
+        principal = creds.principal
         if self.guard.blocked(principal):
+            if self.multiuser:
+                raise AuthUnavailable(
+                    f"Too many rejected logons for {principal} in a row: mitmproxy-ntlm sends no "
+                    f"credentials for this user for {self.guard.cooldown or 0:.0f} s, so the "
+                    f"account does not get locked. Check the password and try again later."
+                )
             raise AuthUnavailable(
                 f"mitmproxy-ntlm stopped sending the credentials for {principal} after "
                 f"{self.guard.failures(principal)} consecutive rejections by the parent proxy, "
                 f"so the account does not get locked. Fix the credentials: any change to an "
                 f"ntlm_* option (or the command ntlm.reset) enables them again."
             )
-        return self.creds
+        return creds
+
+    def failure_response(self) -> tuple[int, dict[str, str]]:
+        """Status and headers for credentials that must not or did not work.
+
+        Multi-user clients get a 407 Basic challenge, so they can prompt and retry; a single-user
+        client has nothing to change, so it gets a 502 that explains.
+        """
+        if self.multiuser:
+            return 407, {"Proxy-Authenticate": f'Basic realm="{self.realm}"'}
+        return 502, {}
 
     def handshake(self, creds: Credentials, target_host: str) -> NtlmHandshake:
         return NtlmHandshake(creds, self.dialect, target_host)
 
     def record(self, conn_id: str, trace: HandshakeTrace) -> None:
         """Remember the trace of the connection for the flows that use it."""
-        self.traces[conn_id] = trace
-        self.traces.move_to_end(conn_id)
-        while len(self.traces) > self.max_traces:
-            self.traces.popitem(last=False)
+        _bounded_set(self.traces, conn_id, trace, self.max_traces)
 
     def accepted(self, creds: Credentials) -> None:
         self.guard.accepted(creds.principal)
 
-    def rejected(self, creds: Credentials, parent: str, client_id: str | None = None) -> str:
+    def rejected_by_parent(self, creds: Credentials, parent: str,
+                           client_id: str | None = None) -> str:
         """Count a rejection; return the explanation for the client."""
         count = self.guard.rejected(creds.principal)
         limit = self.guard.limit
+        which = ("the user name and password" if self.multiuser
+                 else "ntlm_username, ntlm_domain and the password or hash")
         text = (
             f"The parent proxy {parent} rejected the NTLM credentials for {creds.principal} "
-            f"({self.dialect.label}). Check ntlm_username, ntlm_domain and the password or hash."
+            f"({self.dialect.label}). Check {which}."
         )
         if limit > 0:
             text += f" Consecutive rejections: {count} of {limit}."
-            if count >= limit:
+            if count >= limit and not self.multiuser:
                 text += (
                     " mitmproxy-ntlm now stops sending these credentials so the account does not"
                     " get locked; change an ntlm_* option (or run ntlm.reset) to try again."
                 )
+            if count >= limit:
                 log.error("[ntlm] credentials for %s disabled after %d consecutive rejections",
                           creds.principal, count)
-        if client_id is not None:
-            self.rejected_clients[client_id] = text
-            while len(self.rejected_clients) > self.max_traces:
-                self.rejected_clients.popitem(last=False)
+        key = self._rejection_key(creds, client_id)
+        if key is not None:
+            _bounded_set(self.rejected, key, (time.monotonic(), text), self.max_traces)
         return text

@@ -267,6 +267,24 @@ def set_header(head: bytes, name: str, value: str) -> bytes:
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
+def absolute_form(request: Head) -> Head:
+    """The request with an absolute-form target, as a parent proxy needs it (RFC 9112 3.2.2).
+
+    mitmproxy's regular and SOCKS modes send origin-form (`GET /path`) to the server; the
+    authority comes from the Host header.
+    """
+    method, target, version = request.first
+    if not target.startswith("/"):
+        return request
+    host = request.get("host")
+    if not host:
+        raise WireError("origin-form request without a Host header")
+    first = f"{method} http://{host}{target} {version}"
+    lines = request.raw.split(b"\r\n", 1)
+    raw = first.encode("latin-1") + b"\r\n" + lines[1]
+    return Head((method, f"http://{host}{target}", version), request.headers, raw)
+
+
 def probe_head(request: Head) -> bytes:
     """A HEAD request for the same target: the safe first leg for a request with a body."""
     keep = ("host", "user-agent")

@@ -21,21 +21,42 @@ from mitmproxy_ntlm.addon import NtlmUpstreamAuth
 from servers import client_env
 
 
-def test_example_config_yaml_works(tmp_path: Path, parent, origin) -> None:
+@pytest.mark.parametrize("name", ["upstream.yaml", "regular-mode.yaml"])
+def test_example_config_yaml_works(tmp_path: Path, parent, origin, name: str) -> None:
     pw = tmp_path / "password"
     pw.write_text(TEST_PASSWORD + "\n")
     pw.chmod(0o600)
-    text = (ROOT / "configs" / "upstream.yaml").read_text()
-    text = text.replace("upstream:http://proxy.corp.example:8080", f"upstream:{parent.url}")
+    text = (ROOT / "configs" / name).read_text()
+    text = text.replace("http://proxy.corp.example:8080", parent.url)
     text = text.replace("~/.mitm-ntlm/password", str(pw))
     text = text.replace("ntlm_username: alice", f"ntlm_username: {TEST_USER}")
     text = text.replace("ntlm_domain: CORP", f"ntlm_domain: {TEST_DOMAIN}")
+    http_port, socks_port = _free_port(), _free_port()
+    text = re.sub(r"regular@\d+", f"regular@{http_port}", text)
+    text = re.sub(r"socks5@\d+", f"socks5@{socks_port}", text)
     confdir = tmp_path / "conf"
     confdir.mkdir()
     (confdir / "config.yaml").write_text(text)
     with Mitmdump(None, confdir=confdir) as m:  # everything else comes from config.yaml
-        assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
-    assert parent.snapshot().accepted_count == 1
+        proxy = m.url if "regular@" not in text else f"http://127.0.0.1:{http_port}"
+        assert curl("-x", proxy, f"{origin.url}/hello").stdout == "hello", m.output[-2000:]
+        if "socks5@" in text:
+            r = curl("--socks5", f"127.0.0.1:{socks_port}", f"{origin.url}/hello")
+            assert r.stdout == "hello", m.output[-2000:]
+    assert parent.snapshot().accepted_count >= 1
+
+
+def test_multiuser_config_yaml_works(tmp_path: Path, make_parent, origin) -> None:
+    parent = make_parent(users={"CORP\\bob": "Bob-Pass-2"})
+    text = (ROOT / "configs" / "multiuser.yaml").read_text()
+    text = text.replace("http://proxy.corp.example:8080", parent.url)
+    text = text.replace("listen_host: 0.0.0.0", "listen_host: 127.0.0.1")
+    confdir = tmp_path / "conf"
+    confdir.mkdir()
+    (confdir / "config.yaml").write_text(text)
+    with Mitmdump(None, confdir=confdir) as m:
+        r = curl("--proxy-user", "bob:Bob-Pass-2", "-x", m.url, f"{origin.url}/hello")
+        assert r.stdout == "hello", m.output[-2000:]
 
 
 def test_demo_mode_from_the_readme(tmp_path: Path) -> None:

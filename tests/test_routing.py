@@ -93,7 +93,7 @@ def test_multiuser_socks5(mitm, make_parent, origin):
 @pytest.mark.parametrize(
     ("options", "args", "message"),
     [
-        ({"connection_strategy": "eager"}, (), "needs --set connection_strategy=lazy"),
+        ({"connection_strategy": "eager"}, (), "need --set connection_strategy=lazy"),
         ({"ntlm_multiuser": True, "proxyauth": "any"}, (), "cannot be combined with proxyauth"),
     ],
 )

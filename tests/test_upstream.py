@@ -168,7 +168,7 @@ def test_parent_down(mitm, origin, password_file):
     start = time.monotonic()
     r = curl("-x", m.url, "-w", "\n%{http_code}", f"{origin.url}/hello")
     assert r.stdout.endswith("502")
-    assert f"Cannot reach the parent proxy {dead.removeprefix('http://')}" in r.stdout
+    assert f"Cannot reach the parent proxy ({dead.removeprefix('http://')}: " in r.stdout
     r = curl("-p", "-x", m.url, f"{origin.url}/hello")  # CONNECT, tunnel intercepted
     assert "Cannot reach the parent proxy" in r.stdout
     assert time.monotonic() - start < 10

@@ -24,6 +24,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.utils import human
 
 from . import engine as eng
+from .parents import ParentList
 from .policy import UpstreamPolicy
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -66,6 +67,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 
     _ntlm_original: ClassVar[type] = _ORIGINAL
     policy: ClassVar[UpstreamPolicy | None] = None
+    parents: ClassVar[ParentList | None] = None
+    roaming: ClassVar[bool] = False
 
     def __init__(self, ctx, tunnel_conn: connection.Server, send_connect: bool) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx, tunnel_conn, send_connect)
@@ -74,6 +77,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self._retired: set[connection.Connection] = set()
         self._timers: dict[commands.RequestWakeup, int] = {}
         self._pending_failure: str | None = None
+        self._direct = False  # roaming: no parent answered, the tunnel goes to the target
 
     # ------------------------------------------------------------------ setup
 
@@ -113,6 +117,9 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ tunnel hooks
 
     def start_handshake(self) -> layer.CommandGenerator[None]:
+        if self._direct:
+            self.send_connect = False
+            return (yield from super().start_handshake())
         if self.send_connect and isinstance(self.child_layer, HttpClient):
             # Regular/SOCKS mode routed via a parent: plain http goes absolute-form, as in
             # upstream mode, not CONNECT to port 80 (which real parents refuse).
@@ -203,13 +210,12 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             and command.connection == self.conn
             and type(self).policy is not None
         ):
-            # As TunnelLayer does, but the error names the parent instead of a bare errno.
+            # As TunnelLayer does, plus failover to the next parent, roaming, and an error
+            # that names the parents instead of a bare errno.
             self.command_to_reply_to = command
             self.tunnel_state = tunnel.TunnelState.ESTABLISHING
-            err = yield commands.OpenConnection(self.tunnel_connection)
+            err = yield from self._connect_to_a_parent()
             if err:
-                parent = human.format_address(self.tunnel_connection.address)
-                err = f"Cannot reach the parent proxy {parent}: {err}"
                 log.warning("[ntlm] %s", err)
                 yield from self.event_to_child(events.OpenConnectionCompleted(command, err))
                 self.tunnel_state = tunnel.TunnelState.CLOSED
@@ -217,6 +223,41 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                 yield from self.start_handshake()
             return
         yield from super()._handle_command(command)
+
+    def _connect_to_a_parent(self) -> layer.CommandGenerator[str | None]:
+        """Open the parent connection: the chosen parent, else the others in order, else
+        (with roaming) the target itself. Returns an error text when nothing answered."""
+        parents = type(self).parents
+        via = self.context.server.via
+        scheme = via[0] if via else "http"
+        tried: list[str] = []
+        candidates = [(scheme, self.tunnel_connection.address)]
+        if parents is not None and scheme == "http":
+            # A TLS layer above us is bound to the first parent: failover only for http ones.
+            candidates += [s for s in parents.ordered() if s != candidates[0] and s[0] == "http"]
+        for number, spec in enumerate(candidates):
+            if number:
+                log.info("[ntlm] trying the next parent %s", human.format_address(spec[1]))
+                self.tunnel_connection = connection.Server(address=spec[1])
+            err = yield commands.OpenConnection(self.tunnel_connection)
+            if not err:
+                if parents is not None:
+                    parents.succeeded(spec)
+                return None
+            if parents is not None:
+                parents.failed(spec, err)
+            tried.append(f"{human.format_address(spec[1])}: {err}")
+        if type(self).roaming and self.conn.address:
+            self.tunnel_connection = connection.Server(address=self.conn.address)
+            err = yield commands.OpenConnection(self.tunnel_connection)
+            if not err:
+                log.warning("[ntlm] no parent proxy answers: %s goes direct (ntlm_roaming)",
+                            human.format_address(self.conn.address))
+                self._direct = True
+                return None
+            tried.append(f"direct: {err}")
+        which = "the parent proxy" if len(candidates) == 1 else "any parent proxy"
+        return f"Cannot reach {which} ({'; '.join(tried)})"
 
     # plain http: every byte of the child's requests and the parent's responses passes here
 
@@ -308,6 +349,12 @@ def parent_tunnel(context: Any) -> layer.Layer:
     """The parent tunnel (CONNECT with NTLM) for a regular-mode CONNECT or a SOCKS5 connection,
     as upstream mode builds it for its CONNECTs; mitmproxy picks the layer under it."""
     return NtlmUpstreamProxy.make(context, True)[0]
+
+
+def set_routing(parents: ParentList | None, roaming: bool) -> None:
+    """Failover list and roaming for the parent layer (set by the routing addon)."""
+    NtlmUpstreamProxy.parents = parents
+    NtlmUpstreamProxy.roaming = roaming
 
 
 def install(policy: UpstreamPolicy) -> None:

@@ -1,79 +1,157 @@
-"""Regular and SOCKS5 modes: send traffic through the parent proxy named by `ntlm_parent`.
+"""Where traffic goes: parent lists with failover, NoProxy, PAC, roaming, regular/SOCKS5 modes.
 
-In upstream mode mitmproxy routes everything to the parent itself. In regular mode (the client
-names the target) and SOCKS5 mode, this addon does it per flow:
-- plain http: the flow gets a fresh server connection object whose `via` is the parent (never
-  the shared placeholder, whose `via` would leak into later requests);
+In upstream mode mitmproxy sends everything to the `--mode` parent; `ntlm_parent` adds failover
+parents behind it. In regular mode (the client names the target) and SOCKS5 mode this addon
+routes per flow:
+- plain http: the flow gets a fresh server connection object whose `via` is the chosen parent
+  (never the shared placeholder, whose `via` would leak into later requests);
 - CONNECT and SOCKS5 tunnels: the tunnel's server connection gets `via`, and the NTLM parent
   layer goes under whatever mitmproxy then chooses for the tunnel, as upstream mode does.
-Both need `connection_strategy=lazy`: with eager, mitmproxy connects to the target directly
-before any routing can happen.
+NoProxy hosts and PAC `DIRECT` answers go direct. Routing needs `connection_strategy=lazy`:
+with eager, mitmproxy connects to the target directly before any routing can happen.
+Failover and roaming (going direct when no parent answers) happen in the parent layer, where
+a failed connect is seen; see `mitmproxy_internals.NtlmUpstreamProxy`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
-from mitmproxy.net import server_spec
 from mitmproxy.proxy import layer
-from mitmproxy.proxy.mode_specs import RegularMode, Socks5Mode
+from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, Socks5Mode, UpstreamMode
 
 from . import mitmproxy_internals
+from .pac import PacError, PacResolver, load_pac
+from .parents import NoProxy, ParentList, ServerSpec, parse_parents
 
 log = logging.getLogger("mitmproxy_ntlm")
 
+ROUTING_OPTIONS = {"ntlm_parent", "ntlm_noproxy", "ntlm_pac", "ntlm_roaming", "ntlm_parent_retry",
+                   "connection_strategy", "mode"}
+
 
 class ParentRouter:
-    """Routes regular-mode and SOCKS5-mode traffic through `ntlm_parent`."""
+    """Chooses the parent (or direct) for each connection and keeps the failover list."""
 
     def __init__(self) -> None:
-        self.parent: Any = None  # mitmproxy ServerSpec: (scheme, (host, port))
+        self.parents = ParentList([])
+        self.noproxy = NoProxy("")
+        self.pac: PacResolver | None = None
+        self.roaming = False
+        self._going_direct = False
 
     def load(self, loader: Loader) -> None:
         loader.add_option("ntlm_parent", str, "",
-                          "Parent proxy URL for regular and socks5 modes, e.g. "
-                          "http://proxy.corp.example:8080 (upstream mode names its parent in "
-                          "--mode upstream:URL instead). Needs connection_strategy=lazy.")
+                          "Parent proxies, comma-separated, tried in order until one answers "
+                          "(CNTLM's Proxy lines): they route regular and socks5 mode, and are "
+                          "the failover parents behind --mode upstream:URL.")
+        loader.add_option("ntlm_noproxy", str, "",
+                          "Hosts that go direct in regular/socks5 mode, comma-separated: "
+                          "wildcards and CIDR ranges, e.g. 'localhost, 127.0.0.*, 10.0.0.0/8, "
+                          "*.corp.example'.")
+        loader.add_option("ntlm_pac", str, "",
+                          "PAC file (path or URL) whose FindProxyForURL picks the parent per "
+                          "request in regular/socks5 mode (PROXY a; PROXY b; DIRECT).")
+        loader.add_option("ntlm_roaming", bool, False,
+                          "When no parent answers (laptop at home, VPN off), go direct; go "
+                          "through the parents again as soon as one answers.")
+        loader.add_option("ntlm_parent_retry", int, 30,
+                          "Seconds an unreachable parent is skipped before it is tried again.")
 
     def configure(self, updated: set[str]) -> None:
-        if "ntlm_parent" not in updated and "connection_strategy" not in updated:
+        if not updated & ROUTING_OPTIONS:
             return
-        value = ctx.options.ntlm_parent
-        if not value:
-            self.parent = None
-            return
+        opts = ctx.options
         try:
-            spec = server_spec.parse(value, default_scheme="http")
+            specs = parse_parents(opts.ntlm_parent)
+            self.noproxy = NoProxy(opts.ntlm_noproxy)
         except ValueError as e:
-            raise exceptions.OptionsError(f"ntlm_parent: {e}") from None
-        if spec[0] not in ("http", "https"):
-            raise exceptions.OptionsError("ntlm_parent must be an http:// or https:// URL")
-        if ctx.options.connection_strategy != "lazy":
+            raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
+        upstream = [m for m in (ProxyMode.parse(s) for s in opts.mode)
+                    if isinstance(m, UpstreamMode)]
+        first = [(m.scheme, m.address) for m in upstream]
+        self.parents = ParentList(first + [s for s in specs if s not in first],
+                                  retry_after=float(opts.ntlm_parent_retry))
+        if self.pac is not None and "ntlm_pac" in updated:
+            self.pac.close()
+            self.pac = None
+        if opts.ntlm_pac and self.pac is None:
+            try:
+                self.pac = PacResolver(load_pac(opts.ntlm_pac))
+            except PacError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            log.info("[ntlm] PAC file %s loaded", opts.ntlm_pac)
+        self.roaming = opts.ntlm_roaming
+        routes = bool(specs or self.pac)
+        if routes and self._routed_modes() and opts.connection_strategy != "lazy":
             raise exceptions.OptionsError(
-                "ntlm_parent needs --set connection_strategy=lazy: with the default (eager) "
-                "mitmproxy connects to each target directly before it can be routed")
-        self.parent = spec
-        log.info("[ntlm] regular/socks5 traffic goes through the parent %s:%d",
-                 spec[1][0], spec[1][1])
+                "ntlm_parent/ntlm_pac need --set connection_strategy=lazy in regular and socks5 "
+                "mode: with the default (eager) mitmproxy connects to each target directly "
+                "before it can be routed")
+        mitmproxy_internals.set_routing(self.parents, self.roaming)
+        if specs:
+            log.info("[ntlm] parents in failover order: %s",
+                     ", ".join(f"{h}:{p}" for _, (h, p) in self.parents.specs))
+
+    def done(self) -> None:
+        if self.pac is not None:
+            self.pac.close()
+            self.pac = None
+        mitmproxy_internals.set_routing(None, False)
+
+    @staticmethod
+    def _routed_modes() -> bool:
+        return any(isinstance(ProxyMode.parse(s), RegularMode | Socks5Mode)
+                   for s in ctx.options.mode)
 
     def _routes(self, client: connection.Client) -> bool:
-        return self.parent is not None and isinstance(client.proxy_mode, RegularMode | Socks5Mode)
+        if not (self.parents.specs or self.pac):
+            return False
+        return isinstance(client.proxy_mode, RegularMode | Socks5Mode)
+
+    def choose(self, scheme: str, host: str, port: int) -> ServerSpec | None:
+        """The parent for a connection to host:port, or None to go direct."""
+        if self.noproxy and self.noproxy.matches(host):
+            return None
+        if self.pac is not None:
+            url = f"{scheme}://{host}:{port}/"
+            choices = self.pac.choices(scheme, host, url)
+            proxies = [c for c in choices if c is not None]
+            for spec in proxies:
+                self.parents.remember(spec)
+            alive = [c for c in choices if c is None or self.parents.alive(c)]
+            choice = (alive or choices)[0]
+            if choice is None:
+                return None
+        else:
+            choice = self.parents.ordered()[0]
+        if self.roaming and self.parents.all_dead():
+            if not self._going_direct:
+                log.warning("[ntlm] no parent proxy answers: going direct (ntlm_roaming)")
+                self._going_direct = True
+            return None
+        if self._going_direct:
+            log.info("[ntlm] trying the parent proxies again")
+            self._going_direct = False
+        return choice
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not self._routes(flow.client_conn) or flow.server_conn.via or flow.response:
             return
         if flow.request.method == "CONNECT":
             return
+        parent = self.choose(flow.request.scheme, flow.request.host, flow.request.port)
+        if parent is None:
+            return
         server = connection.Server(address=(flow.request.host, flow.request.port))
-        server.via = self.parent
+        server.via = parent
         flow.server_conn = server
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if self._routes(flow.client_conn) and not flow.response:
-            flow.server_conn.via = self.parent
+            flow.server_conn.via = self.choose("https", flow.request.host, flow.request.port)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         # Script addons see next_layer before mitmproxy's own decision: putting the parent tunnel
@@ -85,7 +163,12 @@ class ParentRouter:
             return  # e.g. the SOCKS5 handshake itself
         if any(isinstance(x, mitmproxy_internals.NtlmUpstreamProxy) for x in context.layers):
             return
-        if isinstance(context.client.proxy_mode, RegularMode) and context.server.via is None:
-            return  # regular mode before/without CONNECT: plain http is routed per flow
-        context.server.via = self.parent
+        if isinstance(context.client.proxy_mode, RegularMode):
+            if context.server.via is None:
+                return  # plain http (routed per flow), or a CONNECT that goes direct
+        else:
+            host, port = context.server.address
+            context.server.via = self.choose("https", host, port)
+            if context.server.via is None:
+                return
         nextlayer.layer = mitmproxy_internals.parent_tunnel(context)

@@ -1,0 +1,99 @@
+"""Who may use the proxy: a proxy that adds someone's corporate identity is not an open relay.
+
+In single-user mode every client is logged on at the parent as the configured user, so the
+addon refuses to listen beyond loopback unless clients must authenticate (multi-user mode or
+mitmproxy's proxyauth) or `ntlm_allow_remote` says it is meant (CNTLM's `Gateway yes`).
+`ntlm_allow_clients` / `ntlm_deny_clients` are CNTLM's Allow/Deny lists.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ACCESS_OPTIONS = {"mode", "listen_host", "ntlm_allow_remote", "ntlm_allow_clients",
+                  "ntlm_deny_clients", "proxyauth", "ntlm_multiuser", "ntlm_username"}
+
+
+def parse_networks(value: str, option: str) -> list[Network]:
+    networks = []
+    for item in value.replace(";", ",").split(","):
+        item = item.strip()
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise exceptions.OptionsError(f"{option}: {item} is not an IP or CIDR") from None
+    return networks
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "" (all interfaces) or a host name
+
+
+class ClientAccess:
+    """Refuses unsafe listen addresses in single-user mode and applies Allow/Deny lists."""
+
+    def __init__(self) -> None:
+        self.allow: list[Network] = []
+        self.deny: list[Network] = []
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("ntlm_allow_remote", bool, False,
+                          "Let a single-user proxy listen beyond loopback (CNTLM's Gateway): "
+                          "every client that can reach it is logged on as ntlm_username. "
+                          "Combine with ntlm_allow_clients.")
+        loader.add_option("ntlm_allow_clients", str, "",
+                          "Client addresses allowed to connect, comma-separated IPs/CIDRs "
+                          "(CNTLM's Allow); empty: all that can reach the listen address.")
+        loader.add_option("ntlm_deny_clients", str, "",
+                          "Client addresses refused, comma-separated IPs/CIDRs (CNTLM's Deny).")
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & ACCESS_OPTIONS:
+            return
+        opts = ctx.options
+        self.allow = parse_networks(opts.ntlm_allow_clients, "ntlm_allow_clients")
+        self.deny = parse_networks(opts.ntlm_deny_clients, "ntlm_deny_clients")
+        single_identity = bool(opts.ntlm_username) and not opts.ntlm_multiuser
+        if not single_identity or opts.proxyauth or opts.ntlm_allow_remote:
+            return
+        for spec in opts.mode:
+            mode = ProxyMode.parse(spec)
+            if mode.type_name in ("local", "osproxy"):
+                continue  # captures local processes; nothing listens for others
+            host = mode.listen_host(opts.listen_host)
+            if not is_loopback(host):
+                where = host or "all interfaces"
+                raise exceptions.OptionsError(
+                    f"mitmproxy-ntlm refuses to listen on {where} ({spec}) in single-user mode: "
+                    f"anyone who can reach it would be logged on at the parent as "
+                    f"{opts.ntlm_username}. Listen on loopback (--listen-host 127.0.0.1), make "
+                    f"clients authenticate (--set ntlm_multiuser=true), or allow it knowingly "
+                    f"with --set ntlm_allow_remote=true (best with ntlm_allow_clients)."
+                )
+
+    def client_connected(self, client: Any) -> None:
+        if not (self.allow or self.deny) or not client.peername:
+            return
+        ip = ipaddress.ip_address(client.peername[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        refused = any(ip in net for net in self.deny) or (
+            bool(self.allow) and not any(ip in net for net in self.allow))
+        if refused:
+            client.error = "refused by ntlm_allow_clients / ntlm_deny_clients"
+            log.warning("[ntlm] client %s refused by ntlm_allow_clients/ntlm_deny_clients", ip)

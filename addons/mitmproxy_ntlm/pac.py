@@ -1,0 +1,92 @@
+"""PAC files (as Px uses them): `FindProxyForURL(url, host)` decides the parent per request.
+
+The JavaScript runs in pacparser (a maintained PAC engine with the standard helper functions:
+`shExpMatch`, `isInNet`, `dnsResolve`, ...). The file is read once per configuration and
+decisions are cached per scheme and host.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+
+import pacparser
+
+from .parents import ServerSpec
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+
+class PacError(ValueError):
+    pass
+
+
+def load_pac(location: str) -> str:
+    """The PAC script from a file path or an http(s) URL (fetched without any proxy)."""
+    if location.startswith(("http://", "https://")):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(location, timeout=10) as response:
+                return response.read().decode("utf-8", "replace")
+        except OSError as e:
+            raise PacError(f"ntlm_pac: cannot fetch {location}: {e}") from None
+    try:
+        return Path(location).expanduser().read_text(encoding="utf-8")
+    except OSError as e:
+        raise PacError(f"ntlm_pac: cannot read {location}: {e.strerror}") from None
+
+
+def parse_result(result: str) -> list[ServerSpec | None]:
+    """`PROXY a:1; PROXY b:2; DIRECT` -> [("http", ("a", 1)), ("http", ("b", 2)), None]."""
+    choices: list[ServerSpec | None] = []
+    for part in result.split(";"):
+        words = part.split()
+        if not words:
+            continue
+        kind = words[0].upper()
+        if kind == "DIRECT":
+            choices.append(None)
+        elif kind in ("PROXY", "HTTP", "HTTPS") and len(words) == 2:
+            host, _, port = words[1].rpartition(":")
+            if not host or not port.isdigit():
+                continue
+            scheme = "https" if kind == "HTTPS" else "http"
+            choices.append((scheme, (host.strip("[]"), int(port))))
+        # SOCKS entries cannot carry NTLM: skipped.
+    return choices
+
+
+class PacResolver:
+    """Evaluates one PAC script; pacparser holds one script per process."""
+
+    def __init__(self, script: str, cache_size: int = 1024) -> None:
+        pacparser.init()
+        try:
+            pacparser.parse_pac_string(script)
+        except Exception as e:
+            pacparser.cleanup()
+            raise PacError(f"ntlm_pac: the PAC script does not parse ({e})") from None
+        self._cache: OrderedDict[tuple[str, str], list[ServerSpec | None]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def choices(self, scheme: str, host: str, url: str) -> list[ServerSpec | None]:
+        key = (scheme, host)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            result = pacparser.find_proxy(url, host)
+        except Exception as e:
+            log.warning("[ntlm] PAC FindProxyForURL failed for %s (%s): going direct", host, e)
+            result = "DIRECT"
+        choices = parse_result(result) or [None]
+        log.debug("[ntlm] PAC %s -> %s", host, result)
+        self._cache[key] = choices
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return choices
+
+    def close(self) -> None:
+        pacparser.cleanup()

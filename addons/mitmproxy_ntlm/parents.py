@@ -1,0 +1,108 @@
+"""Which parent proxy to use: an ordered list with failover, and the hosts that go direct.
+
+CNTLM users list several `Proxy` lines (tried in order until one answers) and a `NoProxy`
+list (wildcards; here also CIDR ranges). A parent that cannot be reached is skipped for
+`retry_after` seconds, then tried again; both transitions are logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mitmproxy.net import server_spec
+
+log = logging.getLogger("mitmproxy_ntlm")
+
+ServerSpec = tuple[str, tuple[str, int]]
+
+
+def parse_parents(value: str) -> list[ServerSpec]:
+    """`http://a:8080, b:3128` -> [("http", ("a", 8080)), ("http", ("b", 3128))]."""
+    specs = []
+    for item in value.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        spec = server_spec.parse(item, default_scheme="http")
+        if spec[0] not in ("http", "https"):
+            raise ValueError(f"{item}: a parent proxy must be http:// or https://")
+        specs.append((spec[0], (spec[1][0], spec[1][1])))
+    return specs
+
+
+def spec_text(spec: ServerSpec) -> str:
+    return f"{spec[1][0]}:{spec[1][1]}"
+
+
+@dataclass
+class ParentList:
+    """Parents in failover order, with the ones that recently failed moved to the back."""
+
+    specs: list[ServerSpec]
+    retry_after: float = 30.0
+    _dead_until: dict[ServerSpec, float] = field(default_factory=dict)
+
+    def alive(self, spec: ServerSpec) -> bool:
+        until = self._dead_until.get(spec)
+        return until is None or time.monotonic() >= until
+
+    def ordered(self, first: ServerSpec | None = None) -> list[ServerSpec]:
+        """`first` (if given) and the list, reachable ones before recently failed ones."""
+        specs = ([first] if first else []) + [s for s in self.specs if s != first]
+        return [s for s in specs if self.alive(s)] + [s for s in specs if not self.alive(s)]
+
+    def all_dead(self) -> bool:
+        return bool(self.specs) and not any(self.alive(s) for s in self.specs)
+
+    def failed(self, spec: ServerSpec, err: str) -> None:
+        if self.alive(spec):
+            log.warning("[ntlm] parent %s unreachable (%s); skipping it for %g s",
+                        spec_text(spec), err, self.retry_after)
+        self._dead_until[spec] = time.monotonic() + self.retry_after
+
+    def succeeded(self, spec: ServerSpec) -> None:
+        if self._dead_until.pop(spec, None) is not None:
+            log.info("[ntlm] parent %s reachable again", spec_text(spec))
+
+    def remember(self, spec: ServerSpec) -> None:
+        """Add a parent learned at run time (from a PAC file) as a failover candidate."""
+        if spec not in self.specs:
+            self.specs.append(spec)
+
+
+class NoProxy:
+    """Hosts that bypass the parent: `localhost, 127.0.0.*, 10.*, *.corp.example, 10.0.0.0/8`."""
+
+    def __init__(self, value: str) -> None:
+        self.patterns: list[str] = []
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for item in value.replace(";", ",").split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if "/" in item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item, strict=False))
+                    continue
+                except ValueError:
+                    raise ValueError(f"ntlm_noproxy: {item} is not a CIDR range") from None
+            self.patterns.append(item)
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns or self.networks)
+
+    def matches(self, host: str) -> bool:
+        host = host.lower().strip("[]")
+        if any(fnmatch.fnmatchcase(host, p) for p in self.patterns):
+            return True
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            return any(ip in net for net in self.networks)
+        return False

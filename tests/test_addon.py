@@ -21,13 +21,22 @@ from mitmproxy_ntlm.addon import NtlmUpstreamAuth
 from servers import client_env
 
 
-@pytest.mark.parametrize("name", ["upstream.yaml", "regular-mode.yaml"])
+@pytest.mark.parametrize("name", ["upstream.yaml", "regular-mode.yaml", "failover.yaml",
+                                  "pac.yaml"])
 def test_example_config_yaml_works(tmp_path: Path, parent, origin, name: str) -> None:
     pw = tmp_path / "password"
     pw.write_text(TEST_PASSWORD + "\n")
     pw.chmod(0o600)
+    pac = tmp_path / "proxy.pac"
+    parent_hostport = parent.url.removeprefix("http://")
+    pac.write_text("function FindProxyForURL(url, host) { return "
+                   f'"PROXY {parent_hostport}; DIRECT"; }}')
     text = (ROOT / "configs" / name).read_text()
     text = text.replace("http://proxy.corp.example:8080", parent.url)
+    text = text.replace("http://proxy1.corp.example:8080", _dead_parent())
+    text = text.replace("http://proxy2.corp.example:8080", parent.url)
+    text = text.replace("http://wpad.corp.example/wpad.dat", str(pac))
+    text = text.replace("localhost, 127.0.0.*, ", "")  # the test origin is on 127.0.0.1
     text = text.replace("~/.mitm-ntlm/password", str(pw))
     text = text.replace("ntlm_username: alice", f"ntlm_username: {TEST_USER}")
     text = text.replace("ntlm_domain: CORP", f"ntlm_domain: {TEST_DOMAIN}")
@@ -119,6 +128,10 @@ def test_decode_command_describes_without_secrets() -> None:
     assert text.startswith("type=1") and "ntlm" in text
     assert re.search(r"error=not valid base64", addon.decode("%%%"))
     assert os.environ.get("LM_COMPAT_LEVEL") is None  # handshakes restore the environment
+
+
+def _dead_parent() -> str:
+    return f"http://127.0.0.1:{_free_port()}"
 
 
 def _free_port() -> int:

@@ -78,6 +78,61 @@ def yaml_scalar(value: str | int | bool) -> str:
     return json.dumps(value, ensure_ascii=True)
 
 
+# --------------------------------------------------------------------------- Allow/Deny
+
+IPv4Network = ipaddress.IPv4Network
+_EVERYTHING = ipaddress.IPv4Network("0.0.0.0/0")
+
+
+def _collapse(nets: list[IPv4Network]) -> list[IPv4Network]:
+    return list(ipaddress.collapse_addresses(nets))
+
+
+def _subtract(nets: list[IPv4Network], minus: list[IPv4Network]) -> list[IPv4Network]:
+    """The addresses of `nets` that are in none of `minus` (CIDRs either nest or are apart)."""
+    result = _collapse(nets)
+    for m in _collapse(minus):
+        pieces: list[IPv4Network] = []
+        for n in result:
+            if n.subnet_of(m):
+                continue
+            if m.subnet_of(n):
+                pieces += n.address_exclude(m)
+            else:
+                pieces.append(n)
+        result = _collapse(pieces)
+    return result
+
+
+def translate_acl(rules: list[tuple[bool, IPv4Network]]) -> tuple[list[IPv4Network],
+                                                                   list[IPv4Network]]:
+    """cntlm's ordered Allow/Deny rules (first match wins, no match: allowed) as the addon's
+    (allow, deny) lists, where deny always wins and a non-empty allow list admits only its
+    members. Picks the shortest of three exact forms: deny only, allow only, or the Allow
+    networks minus the exceptions.
+    """
+    denied: list[IPv4Network] = []
+    earlier_allows: list[IPv4Network] = []
+    for is_allow, net in rules:
+        if is_allow:
+            earlier_allows.append(net)
+        else:
+            denied += _subtract([net], earlier_allows)
+    denied = _collapse(denied)
+    allowed = _subtract([_EVERYTHING], denied)
+    allow_nets = _collapse([n for a, n in rules if a])
+    candidates: list[tuple[list[IPv4Network], list[IPv4Network]]] = [([], denied)]
+    if allowed:
+        candidates.append((allowed, []))
+        if not _subtract(allowed, allow_nets):  # nothing is let in by "no rule matched"
+            candidates.append((allow_nets, _subtract(allow_nets, allowed)))
+    return min(candidates, key=lambda c: len(c[0]) + len(c[1]))
+
+
+def _net_text(net: IPv4Network) -> str:
+    return str(net.network_address) if net.prefixlen == 32 else str(net)
+
+
 # --------------------------------------------------------------------------- cntlm.conf
 
 
@@ -91,21 +146,41 @@ class Entry:
     value: str
 
 
-def parse_cntlm_config(text: str) -> list[Entry]:
-    """Keyword/value lines; keywords are case-insensitive, `#` lines are comments.
+def parse_cntlm_config(text: str) -> tuple[list[Entry], list[str]]:
+    """Keyword/value lines read the way cntlm 0.92.3 reads them, plus notes on odd lines.
 
-    cntlm takes values literally (no quoting, no escapes, no trailing comments), separated from
-    the keyword by spaces or tabs.
+    Keywords are letters and digits, case-insensitive; lines starting with `#` or `;` are
+    comments. A value is either `"quoted"` (taken verbatim) or runs to the first `#` (a
+    trailing comment) with trailing blanks removed. Checked against Debian's cntlm: `Password
+    pass#word` means `pass`, `Password "pass#word"` means `pass#word`.
     """
-    entries = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    entries: list[Entry] = []
+    notes: list[str] = []
+    lines = text.split("\n")
+    for number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r").lstrip()
+        if not line or line[0] in "#;":
             continue
-        parts = re.split(r"[ \t]+", line, maxsplit=1)
-        value = parts[1].strip() if len(parts) > 1 else ""
-        entries.append(Entry(number, parts[0].lower(), parts[0], value))
-    return entries
+        m = re.match(r"([A-Za-z0-9]+)[ \t]*(.*)", line)
+        if m is None or not m.group(1):
+            notes.append(f"line {number}: not `Keyword value`, ignored")
+            continue
+        name, rest = m.group(1), m.group(2)
+        if rest.startswith('"'):
+            end = rest.find('"', 1)
+            if end == -1:
+                notes.append(f"line {number}: {name}: unterminated quote, ignored (as cntlm)")
+                continue
+            value = rest[1:end]
+        else:
+            value = rest.split("#", 1)[0].rstrip()
+        if not value:
+            continue  # cntlm skips keywords without a value
+        if number == len(lines) and raw:
+            notes.append(f"line {number}: {name}: the file does not end with a newline; cntlm "
+                         "0.92.3 ignores such a last line, it was imported here")
+        entries.append(Entry(number, name.lower(), name, value))
+    return entries, notes
 
 
 @dataclass
@@ -127,7 +202,7 @@ _HINTS = {
                    "(see configs/regular-mode.yaml)",
     "socks5user": "SOCKS5 users: mitmproxy's `proxyauth` option",
     "ntlmtobasic": "see `ntlm_multiuser` (every client must then send Basic credentials)",
-    "pac": "PAC files are not supported; list the parents with Proxy/NoProxy instead",
+    "pac": "set `ntlm_pac` with `mode: [regular]` and `connection_strategy: lazy` by hand",
     "isascannersize": "the GFI WebMonitor plugin has no equivalent",
     "isascanneragent": "the GFI WebMonitor plugin has no equivalent",
     "keepalive": "mitmproxy keeps connections alive by itself",
@@ -149,11 +224,12 @@ class _Converter:
     def values(self, key: str) -> list[Entry]:
         return [e for e in self.entries if e.key == key]
 
-    def last(self, key: str) -> Entry | None:
+    def single(self, key: str) -> Entry | None:
+        """A keyword that takes one value: like cntlm, the first occurrence counts."""
         found = self.values(key)
-        for dup in found[:-1]:
-            self.skip(dup, f"given again on line {found[-1].line}; the last one is used")
-        return found[-1] if found else None
+        for dup in found[1:]:
+            self.skip(dup, f"repeats line {found[0].line}; cntlm uses the first one, so is this")
+        return found[0] if found else None
 
     def run(self) -> None:
         known = {"username", "domain", "workstation", "password", "passlm", "passnt",
@@ -207,12 +283,12 @@ class _Converter:
     def identity(self) -> None:
         for key, option in (("username", "ntlm_username"), ("domain", "ntlm_domain"),
                             ("workstation", "ntlm_workstation")):
-            e = self.last(key)
+            e = self.single(key)
             if e is not None and e.value:
                 self.options[option] = e.value
 
     def secret(self) -> None:
-        password, nt, lm, v2 = (self.last(k) for k in ("password", "passnt", "passlm",
+        password, nt, lm, v2 = (self.single(k) for k in ("password", "passnt", "passlm",
                                                        "passntlmv2"))
         for e in (nt, lm):
             if e is not None:
@@ -229,7 +305,10 @@ class _Converter:
             if lm is not None:
                 self.options["ntlm_pass_lm"] = lm.value.replace(" ", "").upper()
             if password is not None:
-                self.skip(password, "not used: PassNT is given (remove the plaintext password)")
+                same = cntlm_hex(hashes_from_password(password.value)[1]) == \
+                    self.options["ntlm_pass_nt"]
+                self.skip(password, "not copied: PassNT is given" + (
+                    "" if same else " and does not match this password: check which is right"))
         elif password is not None and password.value:
             lm_hash, nt_hash = hashes_from_password(password.value)
             self.options["ntlm_pass_nt"] = cntlm_hex(nt_hash)
@@ -261,7 +340,7 @@ class _Converter:
             self.skip(v2, why)
 
     def dialect(self) -> None:
-        e = self.last("auth")
+        e = self.single("auth")
         if e is None:
             self.options["ntlm_dialect"] = "ntlmv2"
             return
@@ -282,7 +361,7 @@ class _Converter:
             self.skip(e, f"unknown Auth {e.value!r}; ntlmv2 is used")
 
     def listen(self) -> None:
-        gateway_entry = self.last("gateway")
+        gateway_entry = self.single("gateway")
         gateway = gateway_entry is not None and gateway_entry.value.lower() in ("yes", "1", "true")
         if gateway_entry is not None and gateway_entry.value.lower() not in (
             "yes", "no", "1", "0", "true", "false"
@@ -313,29 +392,35 @@ class _Converter:
                               "without `ntlm_allow_remote: true`")
 
     def acl(self) -> None:
-        lists: dict[str, list[str]] = {"allow": [], "deny": []}
-        seen_deny = False
+        rules: list[tuple[bool, IPv4Network]] = []
         for e in self.entries:
-            if e.key not in lists:
+            if e.key not in ("allow", "deny"):
                 continue
-            value = e.value.strip()
-            addr, sep, bits = value.partition("/")
-            if addr == "0":  # cntlm's 0/0 shorthand
-                value = "0.0.0.0" + sep + bits
+            addr, sep, bits = e.value.partition("/")
+            addr = {"*": "0.0.0.0", "0": "0.0.0.0"}.get(addr.strip(), addr.strip())
+            if addr == "0.0.0.0" and e.value.strip() == "*":
+                bits, sep = "0", "/"
             try:
-                ipaddress.ip_network(value, strict=False)
+                net = ipaddress.IPv4Network(addr + sep + bits, strict=False)
             except ValueError:
-                self.skip(e, f"{e.value!r} is not an IP address or CIDR network")
+                self.skip(e, f"{e.value!r}: only IPv4 addresses and networks are carried "
+                          "(cntlm supports only IPv4 too; host names are not resolved here)")
                 continue
-            if e.key == "allow" and seen_deny:
-                self.notes.append(f"line {e.line}: cntlm checks Allow/Deny in file order; the "
-                                  "addon's lists are not ordered: check the result")
-            seen_deny = seen_deny or e.key == "deny"
-            lists[e.key].append(value)
-        if lists["allow"]:
-            self.options["ntlm_allow_clients"] = ", ".join(lists["allow"])
-        if lists["deny"]:
-            self.options["ntlm_deny_clients"] = ", ".join(lists["deny"])
+            rules.append((e.key == "allow", net))
+        if not rules:
+            return
+        allow, deny = translate_acl(rules)
+        if allow:
+            self.options["ntlm_allow_clients"] = ", ".join(_net_text(n) for n in allow)
+        if deny:
+            self.options["ntlm_deny_clients"] = ", ".join(_net_text(n) for n in deny)
+        verbatim = ([n for a, n in rules if a], [n for a, n in rules if not a])
+        if (sorted(allow), sorted(deny)) != tuple(sorted(_collapse(v)) for v in verbatim):
+            self.notes.append(
+                "Allow/Deny: cntlm takes the first matching rule; the addon refuses a client "
+                "listed in ntlm_deny_clients or missing from a non-empty ntlm_allow_clients. "
+                "The lists were computed so the same addresses are let in"
+            )
 
     def headers(self) -> None:
         specs = []
@@ -386,6 +471,8 @@ def render_yaml(options: dict[str, str | int | bool | list[str]], source: str) -
 
 def convert(text: str, source: str) -> ImportResult:
     """Translate a cntlm.conf into config.yaml text plus the list of what was not carried."""
-    conv = _Converter(parse_cntlm_config(text))
+    entries, notes = parse_cntlm_config(text)
+    conv = _Converter(entries)
+    conv.notes += notes
     conv.run()
     return ImportResult(render_yaml(conv.options, source), conv.not_carried, conv.notes)

@@ -53,10 +53,19 @@ FAULTS: frozenset[str] = frozenset(
         "close_407",
         "close_rechallenge",
         "http10_407",
+        # faults in the answer to a Type 1 (see _send_faulty_challenge)
+        "close_mid_body",
+        "oversized_header",
+        "slowloris",
+        "bogus_type2",
+        "switch_to_basic",
+        "switch_to_negotiate",
     }
 )
 
 _NTLM_SIGNATURE = b"NTLMSSP\x00"
+_CHALLENGE_FAULTS = frozenset({"close_mid_body", "oversized_header", "slowloris", "bogus_type2",
+                               "switch_to_basic", "switch_to_negotiate"})
 _MAX_LINE = 64 * 1024
 _MAX_HEAD = 256 * 1024
 _MAX_HEADERS = 200
@@ -689,6 +698,9 @@ class ParentProxy:
                 if self.fault == "truncated_challenge":
                     challenge = challenge[:20]
             value = "NTLM " + base64.b64encode(challenge).decode()
+            if self.fault in _CHALLENGE_FAULTS:
+                await _discard_body(reader, framing)
+                return await self._send_faulty_challenge(writer, value)
             return await self._send_407(st, writer, head, framing, reader, keep, [value])
 
         if msg_type == 3:
@@ -751,6 +763,38 @@ class ParentProxy:
             head_only=head.parts[0] == "HEAD",
         )
         return keep
+
+    async def _send_faulty_challenge(self, writer: asyncio.StreamWriter, value: str) -> bool:
+        """Answer a Type 1 the way a broken parent would; returns whether to keep the connection."""
+        fault = self.fault
+        status = b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+        if fault == "switch_to_basic":
+            value = 'Basic realm="corp"'
+        elif fault == "switch_to_negotiate":
+            value = "Negotiate " + base64.b64encode(secrets.token_bytes(40)).decode()
+        elif fault == "bogus_type2":
+            bogus = (_NTLM_SIGNATURE + (2).to_bytes(4, "little") + (8).to_bytes(2, "little") * 2
+                     + (0xFFFFFF00).to_bytes(4, "little") + secrets.token_bytes(4)
+                     + secrets.token_bytes(8) + b"\x00" * 8 + (500).to_bytes(2, "little") * 2
+                     + (0xFFFF0000).to_bytes(4, "little"))
+            value = "NTLM " + base64.b64encode(bogus).decode()
+        head = status + b"Proxy-Authenticate: " + value.encode() + b"\r\n"
+        if fault == "oversized_header":
+            head += b"X-Padding: " + b"a" * 100_000 + b"\r\n"
+        if fault == "close_mid_body":
+            writer.write(head + b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+            await writer.drain()
+            return False
+        response = head + b"Content-Length: 0\r\n\r\n"
+        if fault == "slowloris":
+            for i in range(len(response)):
+                writer.write(response[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0.3)
+            return True
+        writer.write(response)
+        await writer.drain()
+        return True
 
     async def _expect_continue(
         self, head: _Head, framing: _Framing, writer: asyncio.StreamWriter

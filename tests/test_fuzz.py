@@ -1,0 +1,123 @@
+"""Fuzzing the parsing the addon does itself: HTTP/1 heads, body framing, challenges, the engine.
+
+Property: whatever a parent sends, the code returns actions or raises the documented WireError;
+no other exception escapes, and it terminates. (A longer atheris run: fuzz/fuzz_engine.py.)
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mitmproxy_ntlm import engine as eng
+from mitmproxy_ntlm import messages, wire
+from mitmproxy_ntlm.credentials import SecretSources, build_credentials
+from mitmproxy_ntlm.policy import UpstreamPolicy
+
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+CREDS = build_credentials("alice", "CORP", "WS", SecretSources(password="pw"))
+GET = b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+POST = (b"POST http://origin.test/echo HTTP/1.1\r\nHost: origin.test\r\n"
+        b"Content-Length: 5\r\n\r\nhello")
+
+
+def new_engine(request: bytes = GET) -> tuple[eng.ParentAuthEngine, list[eng.Action]]:
+    engine = eng.ParentAuthEngine(UpstreamPolicy(creds=CREDS), "parent:8080", "client:1",
+                                  target_host="parent", client_id="c1")
+    return engine, engine.from_child(request)
+
+
+def feed(engine: eng.ParentAuthEngine, data: bytes, cuts: list[int]) -> list[eng.Action]:
+    out: list[eng.Action] = []
+    last = 0
+    for cut in sorted({c % (len(data) + 1) for c in cuts} | {len(data)}):
+        out += engine.from_parent(data[last:cut])
+        last = cut
+    return out
+
+
+@FUZZ
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=8))
+def test_wire_parsers_raise_only_wire_errors(data: bytes, cuts: list[int]) -> None:
+    buf = bytearray(data)
+    try:
+        head = wire.split_head(buf)
+        if head is not None:
+            parsed = wire.parse_response_head(head)
+            wire.response_framer(parsed, "GET")
+            wire.offered_schemes(parsed)
+            wire.ntlm_challenge(parsed)
+    except wire.WireError:
+        pass
+    framer = wire.BodyFramer(None, chunked=True)
+    try:
+        last = 0
+        for cut in sorted({c % (len(data) + 1) for c in cuts} | {len(data)}):
+            used = framer.feed(data[last:cut])
+            assert 0 <= used <= cut - last
+            last = cut
+    except wire.WireError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=4000), st.lists(st.integers(0, 4000), max_size=6),
+       st.sampled_from([GET, POST]))
+def test_engine_survives_any_parent_bytes(data: bytes, cuts: list[int], request: bytes) -> None:
+    engine, first = new_engine(request)
+    assert any(isinstance(a, eng.ToParent) for a in first)
+    actions = feed(engine, data, cuts)
+    actions += engine.parent_closed()
+    actions += engine.timed_out(engine.generation)
+    assert all(isinstance(a, eng.Action.__args__) for a in actions)  # type: ignore[attr-defined]
+
+
+def challenge_response(token: bytes, status: bytes = b"407", extra: bytes = b"") -> bytes:
+    value = b"NTLM " + base64.b64encode(token)
+    return (b"HTTP/1.1 " + status + b" Proxy Authentication Required\r\n"
+            b"Proxy-Authenticate: " + value + b"\r\n" + extra + b"Content-Length: 0\r\n\r\n")
+
+
+def type2(flags: int, target_name: bytes, info: bytes, name_offset: int, info_offset: int) -> bytes:
+    head = (b"NTLMSSP\x00" + struct.pack("<I", 2)
+            + struct.pack("<HHI", len(target_name), len(target_name), name_offset)
+            + struct.pack("<I", flags) + b"\x01\x23\x45\x67\x89\xab\xcd\xef" + b"\x00" * 8
+            + struct.pack("<HHI", len(info), len(info), info_offset)
+            + b"\x06\x01\xb1\x1d\x00\x00\x00\x0f")
+    return head + target_name + info
+
+
+@FUZZ
+@given(st.integers(0, 2**32 - 1), st.binary(max_size=40), st.binary(max_size=200),
+       st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.booleans())
+def test_engine_with_bogus_type2_fails_cleanly_or_answers(
+    flags: int, name: bytes, info: bytes, name_offset: int, info_offset: int, sane: bool
+) -> None:
+    if sane:
+        name_offset, info_offset = 56, 56 + len(name)
+    token = type2(flags, name, info, name_offset, info_offset)
+    messages.describe(token)  # logging must cope as well
+    engine, _ = new_engine()
+    actions = engine.from_parent(challenge_response(token))
+    sent_type3 = [a for a in actions if isinstance(a, eng.ToParent)]
+    failed = [a for a in actions if isinstance(a, eng.ToChild)]
+    assert sent_type3 or failed
+    if failed:
+        assert b"502 Bad Gateway" in failed[0].data and b"challenge" in failed[0].data
+
+
+@FUZZ
+@given(st.sampled_from([b"Basic realm=\"x\"", b"Negotiate", b"NTLM", b"Negotiate abc=",
+                        b"NTLM !!notbase64"]))
+def test_scheme_switches_mid_stream_give_clear_errors(value: bytes) -> None:
+    engine, _ = new_engine()
+    actions = engine.from_parent(b"HTTP/1.1 407 x\r\nProxy-Authenticate: " + value
+                                 + b"\r\nContent-Length: 0\r\n\r\n")
+    [error] = [a for a in actions if isinstance(a, eng.ToChild)]
+    assert error.data.startswith(b"HTTP/1.1 502")
+    assert any(s in error.data for s in (b"does not offer NTLM", b"without a challenge",
+                                         b"malformed NTLM challenge"))

@@ -18,6 +18,8 @@ CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_
     ("fault", "status", "messages"),
     [
         ("close_mid_body", "502", ["closed the connection during the NTLM handshake"]),
+        ("close_after_type2", "502", ["closed the connection during the NTLM handshake"]),
+        ("truncated_header", "502", ["closed the connection during the NTLM handshake"]),
         ("oversized_header", "502", ["larger than 65536 bytes"]),
         ("slowloris", "504", ["did not answer the NTLM handshake within 3 s"]),
         ("bogus_type2", "502", ["unusable NTLM challenge", "rejected the NTLM credentials"]),

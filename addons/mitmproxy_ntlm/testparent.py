@@ -55,6 +55,8 @@ FAULTS: frozenset[str] = frozenset(
         "http10_407",
         # faults in the answer to a Type 1 (see _send_faulty_challenge)
         "close_mid_body",
+        "close_after_type2",
+        "truncated_header",
         "oversized_header",
         "slowloris",
         "bogus_type2",
@@ -64,7 +66,8 @@ FAULTS: frozenset[str] = frozenset(
 )
 
 _NTLM_SIGNATURE = b"NTLMSSP\x00"
-_CHALLENGE_FAULTS = frozenset({"close_mid_body", "oversized_header", "slowloris", "bogus_type2",
+_CHALLENGE_FAULTS = frozenset({"close_mid_body", "close_after_type2", "truncated_header",
+                               "oversized_header", "slowloris", "bogus_type2",
                                "switch_to_basic", "switch_to_negotiate"})
 _MAX_LINE = 64 * 1024
 _MAX_HEAD = 256 * 1024
@@ -786,6 +789,11 @@ class ParentProxy:
             await writer.drain()
             return False
         response = head + b"Content-Length: 0\r\n\r\n"
+        if fault in ("close_after_type2", "truncated_header"):
+            # a complete keep-alive 407 with the challenge, then gone; or half a head, then gone
+            writer.write(response if fault == "close_after_type2" else head[: len(head) // 2])
+            await writer.drain()
+            return False
         if fault == "slowloris":
             for i in range(len(response)):
                 writer.write(response[i : i + 1])

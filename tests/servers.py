@@ -30,7 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, NamedTuple, Self
+from typing import Any, ClassVar, Generic, NamedTuple, Self, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class _ThreadedServer:
-    """Lifecycle shared by the Python servers: serve_forever in a thread, stop() joins it."""
+R = TypeVar("R")
+
+
+class _ThreadedServer(Generic[R]):
+    """Lifecycle shared by the Python servers: serve_forever in a thread, stop() joins it.
+
+    Each server also keeps a thread-safe log of what it served (records of type R).
+    """
 
     handler: ClassVar[type[_Handler]]
     scheme = "http"
@@ -202,6 +208,23 @@ class _ThreadedServer:
         self.port = 0
         self._httpd: _TrackingServer | None = None
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._requests: list[R] = []
+
+    @property
+    def requests(self) -> list[R]:
+        """Copy of what was served so far, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+    def _record(self, req: R) -> None:
+        with self._lock:
+            self._requests.append(req)
 
     @property
     def base_url(self) -> str:
@@ -359,7 +382,7 @@ class _OriginHandler(_Handler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
 
-class Origin(_ThreadedServer):
+class Origin(_ThreadedServer[OriginRequest]):
     """Keep-alive HTTP/1.1 origin (optionally TLS) that records every request it receives.
 
     Routes: ``GET /hello`` -> "hello"; ``GET /bytes/N`` -> ``pattern_bytes(N)`` with
@@ -377,23 +400,6 @@ class Origin(_ThreadedServer):
         self.cert_path: Path | None = None
         self.key_path: Path | None = None
         self._tmp: Path | None = None
-        self._lock = threading.Lock()
-        self._requests: list[OriginRequest] = []
-
-    @property
-    def requests(self) -> list[OriginRequest]:
-        """Copy of every request received so far, in arrival order."""
-        with self._lock:
-            return list(self._requests)
-
-    def clear(self) -> None:
-        """Forget recorded requests."""
-        with self._lock:
-            self._requests.clear()
-
-    def _record(self, req: OriginRequest) -> None:
-        with self._lock:
-            self._requests.append(req)
 
     def _prepare(self) -> None:
         if self.tls:
@@ -547,7 +553,7 @@ class GitRequest(NamedTuple):
     chunked: bool
 
 
-class GitServer(_ThreadedServer):
+class GitServer(_ThreadedServer[GitRequest]):
     """Smart-HTTP git server for one bare repository ``repo.git`` with two commits.
 
     Clone and (anonymous) push work; a push of a pack over 1 MB makes git send a chunked POST.
@@ -567,23 +573,12 @@ class GitServer(_ThreadedServer):
         self.root = Path()
         self.head_commit = ""
         self._tmp: Path | None = None
-        self._lock = threading.Lock()
-        self._requests: list[GitRequest] = []
 
     @property
     def url(self) -> str:
         """Clone URL of the repository."""
         return f"{self.base_url}/repo.git"
 
-    @property
-    def requests(self) -> list[GitRequest]:
-        """Copy of the requests served so far."""
-        with self._lock:
-            return list(self._requests)
-
-    def _record(self, req: GitRequest) -> None:
-        with self._lock:
-            self._requests.append(req)
 
     def _prepare(self) -> None:
         """Create the bare repository with two commits on ``main``."""
@@ -655,7 +650,7 @@ class _IndexHandler(_Handler):
     do_GET = do_HEAD = _dispatch
 
 
-class PackageIndex(_ThreadedServer):
+class PackageIndex(_ThreadedServer[str]):
     """PEP 503 simple index with one pure-Python wheel (``ntlmdemo`` 1.0) it builds itself.
 
     ``url`` is the ``--index-url`` (``.../simple/``).
@@ -670,23 +665,12 @@ class PackageIndex(_ThreadedServer):
         self.wheel_path = Path()
         self.wheel_sha256 = ""
         self._tmp: Path | None = None
-        self._lock = threading.Lock()
-        self._requests: list[str] = []
 
     @property
     def url(self) -> str:
         """The index URL for ``pip --index-url``."""
         return f"{self.base_url}/simple/"
 
-    @property
-    def requests(self) -> list[str]:
-        """Copy of the request paths served so far."""
-        with self._lock:
-            return list(self._requests)
-
-    def _record(self, path: str) -> None:
-        with self._lock:
-            self._requests.append(path)
 
     def _prepare(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="pkgindex-"))

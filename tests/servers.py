@@ -935,3 +935,94 @@ class Squid:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- NTLM origin
+
+
+class _NtlmOriginHandler(_OriginHandler):
+    """The origin's routes behind IIS-style connection authentication (401 NTLM/Negotiate)."""
+
+    ctx: Any = None
+    user: str | None = None
+
+    def _challenge(self, scheme: str | None = None, token: bytes | None = None) -> None:
+        owner: NtlmOrigin = self.server.owner  # type: ignore[assignment]
+        offer = f"{scheme} {base64.b64encode(token).decode()}" if token else ", ".join(owner.offers)
+        self.send_bytes(401, b"logon required\n", headers={"WWW-Authenticate": offer})
+
+    def _dispatch(self) -> None:
+        owner: NtlmOrigin = self.server.owner  # type: ignore[assignment]
+        if "Authorization" in self.headers:
+            owner.count("authorization_headers")
+        if self.user is None:
+            scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() not in {o.lower() for o in owner.offers} or not token.strip():
+                self.read_body()
+                return self._challenge()
+            try:
+                self.ctx, out = owner.step(self.ctx, base64.b64decode(token), scheme)
+            except Exception:
+                self.ctx = None
+                owner.count("rejected")
+                self.read_body()
+                return self._challenge()
+            if not self.ctx.complete:
+                self.read_body()
+                return self._challenge(scheme, out)
+            self.user = self.ctx.client_principal
+            owner.count("accepted")
+        owner.logons.append((self.user or "", self.command, self.path))
+        return super()._dispatch()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+
+class NtlmOrigin(Origin):
+    """An intranet server (think IIS/SharePoint) that checks passwords with pyspnego's acceptor.
+
+    Each connection must authenticate (NTLM, or NTLM inside Negotiate) before any request is
+    served; `logons` records (user, method, path) of every request served.
+    """
+
+    handler = _NtlmOriginHandler
+
+    def __init__(self, users: dict[str, str], tls: bool = False,
+                 offers: tuple[str, ...] = ("NTLM",)) -> None:
+        super().__init__(tls=tls)
+        self.users = users
+        self.offers = offers
+        self.logons: list[tuple[str, str, str]] = []
+        self.counts = {"accepted": 0, "rejected": 0, "authorization_headers": 0}
+        self._user_file = ""
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        fd, self._user_file = tempfile.mkstemp(prefix="ntlm-origin-users-")
+        with os.fdopen(fd, "w") as f:
+            for name, password in self.users.items():
+                domain, _, user = name.partition("\\")
+                f.write(f"{domain}:{user}:{password}\n")
+
+    def step(self, ctx: Any, token: bytes, scheme: str) -> tuple[Any, bytes | None]:
+        """One acceptor step, with pyspnego's user table pointing at this server's users."""
+        import spnego
+
+        from mitmproxy_ntlm import testparent
+
+        with testparent._ENV_LOCK:
+            os.environ["NTLM_USER_FILE"] = self._user_file
+            if ctx is None:
+                protocol = "negotiate" if scheme.lower() == "negotiate" else "ntlm"
+                ctx = spnego.server(hostname="intranet", service="http", protocol=protocol)
+            return ctx, ctx.step(token)
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        if self._user_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self._user_file)

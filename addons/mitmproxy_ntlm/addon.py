@@ -285,6 +285,10 @@ class NtlmUpstreamAuth:
     def _annotate(self, flow: http.HTTPFlow) -> None:
         if self.policy is None or "ntlm" in flow.metadata:
             return
+        origin = self.policy.traces.get(f"{flow.server_conn.id}/origin")
+        if origin is not None and "ntlm_origin" not in flow.metadata:
+            flow.metadata["ntlm_origin"] = origin.metadata()
+            flow.comment = flow.comment or origin.comment()
         trace = self.policy.traces.get(flow.server_conn.id)
         if trace is None or trace.result == "pending":
             return

@@ -30,7 +30,18 @@ from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-PROXY_AUTHORIZATION = "Proxy-Authorization"
+@dataclass(frozen=True)
+class Target:
+    """What the engine authenticates to: the parent proxy (407) or an origin server (401)."""
+
+    auth_header: str
+    challenge_header: str
+    status: int
+    name: str
+
+
+PARENT = Target("Proxy-Authorization", "proxy-authenticate", 407, "parent proxy")
+ORIGIN = Target("Authorization", "www-authenticate", 401, "server")
 
 
 @dataclass
@@ -81,6 +92,7 @@ class ConnState(Enum):
     UNAUTHENTICATED = "unauthenticated"
     AUTHENTICATED = "authenticated"
     NO_AUTH_NEEDED = "no auth needed"
+    REJECTED = "rejected"  # origin: credentials refused, requests pass without auth
     FAILED = "failed"
 
 
@@ -102,9 +114,15 @@ class ParentAuthEngine:
         target_host: str,
         can_reconnect: bool = True,
         client_id: str | None = None,
+        target: Target = PARENT,
+        scheme: str = "NTLM",
+        creds: Credentials | None = None,
     ) -> None:
         self.policy = policy
         self.client_id = client_id
+        self.target = target
+        self.scheme = scheme
+        self.fixed_creds = creds  # origin credentials; else the policy's for this client
         self.parent = parent
         self.client = client
         self.target_host = target_host
@@ -135,7 +153,7 @@ class ParentAuthEngine:
     # ---------------------------------------------------------------- helpers
 
     def _auth_head(self, raw: bytes, token: bytes) -> bytes:
-        return wire.set_header(raw, PROXY_AUTHORIZATION, "NTLM " + wire.b64(token))
+        return wire.set_header(raw, self.target.auth_header, f"{self.scheme} {wire.b64(token)}")
 
     def _fail(self, reason: str, status: int = 502, result: str | None = None,
               auth_failure: bool = False) -> list[Action]:
@@ -169,14 +187,18 @@ class ParentAuthEngine:
         """Send Type 1: with the request itself, or with a HEAD probe when it has a body."""
         assert self._req is not None
         try:
-            self.creds = self.policy.credentials(self.client_id)
+            self.creds = self._credentials()
         except AuthUnavailable as e:
+            if self.target is ORIGIN:  # the server's own 401 reaches the client
+                log.warning("[ntlm] %s", e)
+                self.state = ConnState.REJECTED
+                return self._send_plain()
             return self._fail(str(e), auth_failure=True)
         self.generation += 1
         kind = f"{self._req.first[0]} {self._req.first[1]}"
         self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
                                     key=self.trace_key)
-        self._handshake = self.policy.handshake(self.creds, self.target_host)
+        self._handshake = self.policy.handshake(self.creds, self.target_host, self.scheme)
         token = self._handshake.negotiate()
         self.trace.sent_type1(token)
         self.phase = Phase.LEG1
@@ -195,11 +217,11 @@ class ParentAuthEngine:
         try:
             token = self._handshake.authenticate(self._challenge)
         except ChallengeError as e:
-            return self._fail(f"The parent proxy {self.parent} sent an unusable NTLM "
+            return self._fail(f"The {self.target.name} {self.parent} sent an unusable NTLM "
                               f"challenge: {e}.")
         self.trace.sent_type3(token)
-        self.trace.sent(wire.set_header(self._req.raw, PROXY_AUTHORIZATION,
-                                        f"NTLM [Type 3 redacted: {self.trace.dialect}]"))
+        self.trace.sent(wire.set_header(self._req.raw, self.target.auth_header,
+                                        f"{self.scheme} [Type 3 redacted: {self.trace.dialect}]"))
         self.phase = Phase.LEG3
         out: list[Action] = [ToParent(self._auth_head(self._req.raw, token))]
         if self._replay:
@@ -243,7 +265,9 @@ class ParentAuthEngine:
                     raw = wire.split_head(self._req_in)
                     if raw is None:
                         break
-                    head = wire.absolute_form(wire.parse_request_head(raw))
+                    head = wire.parse_request_head(raw)
+                    if self.target is PARENT:
+                        head = wire.absolute_form(head)
                     framer = wire.request_framer(head)
                 except wire.WireError as e:
                     out += self._fail(f"mitmproxy-ntlm could not read the request: {e}")
@@ -277,6 +301,10 @@ class ParentAuthEngine:
         self._reconnects = 0
         if self.state is ConnState.UNAUTHENTICATED:
             return self._start_legs()
+        if self.state is ConnState.REJECTED:
+            self.phase = Phase.IDLE
+            self._passing = True
+            return [ToParent(head.raw)]
         if self.state is ConnState.AUTHENTICATED and self._user_changed():
             # This connection is authenticated as someone else: it must not carry the request.
             if not self.can_reconnect:
@@ -289,6 +317,15 @@ class ParentAuthEngine:
             return [Reconnect()]
         self.phase = Phase.PLAIN
         return [ToParent(head.raw)]
+
+    def _credentials(self) -> Credentials:
+        if self.fixed_creds is None:
+            return self.policy.credentials(self.client_id)
+        principal = self.fixed_creds.principal
+        if self.policy.guard.blocked(principal):
+            raise AuthUnavailable(f"not logging on to {self.parent} as {principal}: too many "
+                                  f"rejections in a row (lockout guard)")
+        return self.fixed_creds
 
     def _user_changed(self) -> bool:
         if not self.policy.multiuser or self.creds is None:
@@ -324,7 +361,7 @@ class ParentAuthEngine:
                 try:
                     n = self._skip.feed(self._resp_in)
                 except wire.WireError as e:
-                    out += self._fail(f"The parent proxy {self.parent} sent a malformed "
+                    out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
                                       f"response body: {e}.")
                     break
                 del self._resp_in[:n]
@@ -341,7 +378,8 @@ class ParentAuthEngine:
                     break
                 head = wire.parse_response_head(raw)
             except wire.WireError as e:
-                out += self._fail(f"The parent proxy {self.parent} sent a malformed response: {e}.")
+                out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
+                                  f"response: {e}.")
                 break
             out += self._on_response(head)
             if self.connect_mode and self.state is not ConnState.UNAUTHENTICATED:
@@ -390,16 +428,16 @@ class ParentAuthEngine:
             return self._on_leg1_response(head)
         if self.phase is Phase.LEG3:
             return self._on_leg3_response(head)
-        if self.phase is Phase.PLAIN and status == 407:
+        if self.phase is Phase.PLAIN and status == self.target.status:
             return self._on_rechallenge(head)
         return self._pass_response(head)
 
     def _on_leg1_response(self, head: wire.Head) -> list[Action]:
         assert self.trace is not None
         status = head.status
-        if status != 407:
+        if status != self.target.status:
             if self.connect_mode and not 200 <= status < 300:
-                return self._fail(f"The parent proxy {self.parent} refused the CONNECT: "
+                return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT: "
                                   f"{status} {head.first[2]}".rstrip())
             self.trace.finish("no auth needed")
             self.policy.record(self.trace_key, self.trace)
@@ -407,20 +445,31 @@ class ParentAuthEngine:
             if self._probe:
                 return self._skip_body(head, self._send_plain)
             return self._pass_response(head)
-        schemes = wire.offered_schemes(head)
+        schemes = wire.offered_schemes(head, self.target.challenge_header)
         self.trace.got_407(f"{status} {head.first[2]}".strip(), schemes)
         try:
-            challenge = wire.ntlm_challenge(head)
+            challenge = wire.ntlm_challenge(head, self.target.challenge_header, self.scheme)
         except wire.WireError as e:
+            if "not offered" in str(e) and self.target is ORIGIN:
+                if self.scheme == "NTLM" and "Negotiate" in schemes:
+                    self.scheme = "Negotiate"  # NTLM inside SPNEGO
+                    return self._skip_body(head, self._start_legs)
+                log.warning("[ntlm] %s -> %s: the server offers %s, not NTLM/Negotiate; "
+                            "passing its %d on", self.client, self.parent,
+                            ", ".join(schemes) or "nothing", status)
+                self.state = ConnState.REJECTED
+                if self._probe:  # the HEAD probe's answer is not the client's
+                    return self._skip_body(head, self._send_plain)
+                return self._pass_response(head)
             if "not offered" in str(e):
-                return self._fail(f"The parent proxy {self.parent} does not offer NTLM "
-                                  f"(it offers: {', '.join(schemes) or 'nothing'}).")
-            return self._fail(f"The parent proxy {self.parent} sent a malformed NTLM "
-                              f"challenge: {e}.")
+                return self._fail(f"The {self.target.name} {self.parent} does not offer "
+                                  f"{self.scheme} (it offers: {', '.join(schemes) or 'nothing'}).")
+            return self._fail(f"The {self.target.name} {self.parent} sent a malformed "
+                              f"{self.scheme} challenge: {e}.")
         if not head.keeps_alive():
             return self._skip_body(head, self._reconnect_instead)
         if challenge is None:
-            return self._fail(f"The parent proxy {self.parent} answered the NTLM Type 1 "
+            return self._fail(f"The {self.target.name} {self.parent} answered the NTLM Type 1 "
                               f"without a challenge.")
         try:
             self.trace.got_type2(challenge)
@@ -432,12 +481,21 @@ class ParentAuthEngine:
     def _on_leg3_response(self, head: wire.Head) -> list[Action]:
         assert self.trace is not None and self.creds is not None
         status = head.status
-        if status == 407:
+        if status == self.target.status and self.target is ORIGIN:
+            count = self.policy.guard.rejected(self.creds.principal)
+            self.trace.finish("rejected", logging.WARNING)
+            self.policy.record(self.trace_key, self.trace)
+            log.warning("[ntlm] %s -> %s: the server rejected the credentials for %s "
+                        "(%s; %d in a row); passing its %d on", self.client, self.parent,
+                        self.creds.principal, self.trace.dialect, count, status)
+            self.state = ConnState.REJECTED
+            return self._pass_response(head)
+        if status == self.target.status:
             text = self.policy.rejected_by_parent(self.creds, self.parent, self.client_id)
             self.trace.finish("rejected", logging.WARNING)
             return self._fail(text, result="rejected", auth_failure=True)
         if self.connect_mode and not 200 <= status < 300:
-            return self._fail(f"The parent proxy {self.parent} refused the CONNECT after "
+            return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT after "
                               f"authentication: {status} {head.first[2]}".rstrip())
         self.state = ConnState.AUTHENTICATED
         self.policy.accepted(self.creds)
@@ -449,7 +507,7 @@ class ParentAuthEngine:
         log.info("[ntlm] %s -> %s: re-challenged (407) on an authenticated connection",
                  self.client, self.parent)
         if self._replay is None:
-            return self._fail(f"The parent proxy {self.parent} asked to authenticate again "
+            return self._fail(f"The {self.target.name} {self.parent} asked to authenticate again "
                               f"and the request body was too large to send twice "
                               f"(ntlm_replay_limit).")
         self.state = ConnState.UNAUTHENTICATED
@@ -476,7 +534,7 @@ class ParentAuthEngine:
             self.state = ConnState.UNAUTHENTICATED
             self.phase = Phase.IDLE
             return [Reconnect()]
-        return self._fail(f"The parent proxy {self.parent} {what} (HTTP/1.0 or Connection: "
+        return self._fail(f"The {self.target.name} {self.parent} {what} (HTTP/1.0 or Connection: "
                           f"close), so NTLM cannot complete: it needs one persistent connection.")
 
     def reconnected(self, err: str | None) -> list[Action]:
@@ -484,7 +542,7 @@ class ParentAuthEngine:
         self._resp_in.clear()
         self._skip = None
         if err:
-            return self._fail(f"Cannot reconnect to the parent proxy {self.parent}: {err}")
+            return self._fail(f"Cannot reconnect to the {self.target.name} {self.parent}: {err}")
         return self._start_legs()
 
     def parent_closed(self) -> list[Action]:
@@ -494,7 +552,7 @@ class ParentAuthEngine:
         handshaking = self.phase in (Phase.LEG1, Phase.LEG3) or self._skip is not None
         if handshaking and not self._passing:
             stage = "after the Type 1" if self.phase is Phase.LEG1 else "after the Type 3"
-            return self._fail(f"The parent proxy {self.parent} closed the connection during "
+            return self._fail(f"The {self.target.name} {self.parent} closed the connection during "
                               f"the NTLM handshake ({stage}).")
         return []
 
@@ -507,5 +565,5 @@ class ParentAuthEngine:
             return []
         if self._passing or self.state is ConnState.FAILED:
             return []
-        return self._fail(f"The parent proxy {self.parent} did not answer the NTLM handshake "
+        return self._fail(f"The {self.target.name} {self.parent} did not answer the NTLM handshake "
                           f"within {self.policy.handshake_timeout:g} s.", status=504)

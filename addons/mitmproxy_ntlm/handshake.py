@@ -60,18 +60,24 @@ def _spnego_environment(dialect: Dialect, workstation: str) -> Iterator[None]:
 
 
 class NtlmHandshake:
-    """Produces the Type 1 and, given the parent's Type 2, the Type 3 for one connection."""
+    """Produces the Type 1 and, given the peer's Type 2, the Type 3 for one connection.
 
-    def __init__(self, creds: Credentials, dialect: Dialect, target_host: str) -> None:
+    `scheme` "NTLM" sends raw NTLMSSP messages; "Negotiate" wraps them in SPNEGO (pyspnego
+    falls back to NTLM inside Negotiate when no Kerberos is available).
+    """
+
+    def __init__(self, creds: Credentials, dialect: Dialect, target_host: str,
+                 scheme: str = "NTLM") -> None:
         self.creds = creds
         self.dialect = dialect
+        self.scheme = scheme
         with _spnego_environment(dialect, creds.workstation):
             self._ctx = spnego.client(
                 creds.spnego_username(),
                 creds.spnego_secret(),
                 hostname=target_host,
                 service="http",
-                protocol="ntlm",
+                protocol="negotiate" if scheme == "Negotiate" else "ntlm",
             )
 
     def negotiate(self) -> bytes:
@@ -82,7 +88,7 @@ class NtlmHandshake:
 
     def authenticate(self, challenge: bytes) -> bytes:
         """The Type 3 answering `challenge`; ChallengeError when the challenge is unusable."""
-        if not challenge.startswith(b"NTLMSSP\x00\x02\x00\x00\x00"):
+        if self.scheme == "NTLM" and not challenge.startswith(b"NTLMSSP\x00\x02\x00\x00\x00"):
             raise ChallengeError("the NTLM challenge is not an NTLMSSP Type 2 message")
         try:
             with _spnego_environment(self.dialect, self.creds.workstation):

@@ -19,7 +19,8 @@ import mitmproxy
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, tunnel
-from mitmproxy.proxy.layers.http import HttpClient, _upstream_proxy
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _upstream_proxy
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
 from mitmproxy.utils import human
 
@@ -34,6 +35,11 @@ SUPPORTED = ("10.4.", "11.0.", "12.2.")
 
 _ORIGINAL: type[_upstream_proxy.HttpUpstreamProxy] = getattr(
     _upstream_proxy.HttpUpstreamProxy, "_ntlm_original", _upstream_proxy.HttpUpstreamProxy
+)
+
+
+_ORIGINAL_CLIENT: type[layer.Layer] = getattr(
+    http_layers.HttpClient, "_ntlm_original", http_layers.HttpClient
 )
 
 
@@ -69,6 +75,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     policy: ClassVar[UpstreamPolicy | None] = None
     parents: ClassVar[ParentList | None] = None
     roaming: ClassVar[bool] = False
+    origin_engines: ClassVar[OriginEngineFactory | None] = None
 
     def __init__(self, ctx, tunnel_conn: connection.Server, send_connect: bool) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx, tunnel_conn, send_connect)
@@ -120,7 +127,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if self._direct:
             self.send_connect = False
             return (yield from super().start_handshake())
-        if self.send_connect and isinstance(self.child_layer, HttpClient):
+        if self.send_connect and isinstance(self.child_layer, _ORIGINAL_CLIENT | OriginAuthLayer):
             # Regular/SOCKS mode routed via a parent: plain http goes absolute-form, as in
             # upstream mode, not CONNECT to port 80 (which real parents refuse).
             self.send_connect = False
@@ -349,6 +356,71 @@ def parent_tunnel(context: Any) -> layer.Layer:
     """The parent tunnel (CONNECT with NTLM) for a regular-mode CONNECT or a SOCKS5 connection,
     as upstream mode builds it for its CONNECTs; mitmproxy picks the layer under it."""
     return NtlmUpstreamProxy.make(context, True)[0]
+
+
+class OriginAuthLayer(tunnel.TunnelLayer):
+    """Answers an allow-listed server's `401 WWW-Authenticate: NTLM/Negotiate` on its own
+    connection (Fiddler's "Automatically Authenticate"), between TLS and the HTTP client."""
+
+    def __init__(self, context: Any, engine: eng.ParentAuthEngine) -> None:
+        super().__init__(context, tunnel_connection=context.server, conn=context.server)
+        self.engine = engine
+
+    def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
+        yield from self._run(self._safely(self.engine.from_child, data))
+
+    def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
+        yield from self._run(self._safely(self.engine.from_parent, data))
+
+    def receive_close(self) -> layer.CommandGenerator[None]:
+        yield from self._run(self._safely(self.engine.parent_closed))
+        yield from super().receive_close()
+
+    def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
+        try:
+            return step(*args)
+        except Exception:
+            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
+            return self.engine.internal_error()
+
+    def _run(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[None]:
+        for action in actions:
+            if isinstance(action, eng.ToParent):
+                yield commands.SendData(self.tunnel_connection, action.data)
+            elif isinstance(action, eng.ToChild):
+                yield from super().receive_data(action.data)
+            elif isinstance(action, eng.CloseParent | eng.Reconnect):
+                # a server connection cannot be replaced from here: close it, the client retries
+                if self.tunnel_connection.connected:
+                    yield commands.CloseConnection(self.tunnel_connection)
+            # StartTimer: a server that stalls is covered by mitmproxy's own timeouts
+
+
+OriginEngineFactory = Callable[[Any], "eng.ParentAuthEngine | None"]
+
+
+def _http_client_with_origin_auth(context: Any) -> layer.Layer:
+    """Stands in for `HttpClient(context)` in mitmproxy's HTTP layer."""
+    factory = NtlmUpstreamProxy.origin_engines
+    engine = factory(context) if factory is not None else None
+    if engine is None:
+        return _ORIGINAL_CLIENT(context)
+    auth = OriginAuthLayer(context, engine)  # created first: the HTTP client stays layers[-1]
+    auth.child_layer = _ORIGINAL_CLIENT(context)
+    return auth
+
+
+_http_client_with_origin_auth._ntlm_original = _ORIGINAL_CLIENT  # type: ignore[attr-defined]
+
+
+def set_origin_auth(factory: OriginEngineFactory | None) -> None:
+    """Authenticate to allow-listed servers: `factory(context)` gives an engine or None."""
+    NtlmUpstreamProxy.origin_engines = factory
+    if factory is None:
+        http_layers.HttpClient = _ORIGINAL_CLIENT  # type: ignore[misc]
+    else:
+        check_version()
+        http_layers.HttpClient = _http_client_with_origin_auth  # type: ignore[assignment,misc]
 
 
 def set_routing(parents: ParentList | None, roaming: bool) -> None:

@@ -159,8 +159,9 @@ class UpstreamPolicy:
             return 407, {"Proxy-Authenticate": f'Basic realm="{self.realm}"'}
         return 502, {}
 
-    def handshake(self, creds: Credentials, target_host: str) -> NtlmHandshake:
-        return NtlmHandshake(creds, self.dialect, target_host)
+    def handshake(self, creds: Credentials, target_host: str,
+                  scheme: str = "NTLM") -> NtlmHandshake:
+        return NtlmHandshake(creds, self.dialect, target_host, scheme)
 
     def record(self, conn_id: str, trace: HandshakeTrace) -> None:
         """Remember the trace of the connection for the flows that use it."""

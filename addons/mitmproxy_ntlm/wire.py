@@ -234,25 +234,26 @@ def offered_schemes(head: Head, header: str = "proxy-authenticate") -> list[str]
     return schemes
 
 
-def ntlm_challenge(head: Head, header: str = "proxy-authenticate") -> bytes | None:
-    """The decoded Type 2 token from `NTLM <base64>`, or None when NTLM is offered bare.
+def ntlm_challenge(head: Head, header: str = "proxy-authenticate",
+                   scheme: str = "NTLM") -> bytes | None:
+    """The decoded token from `<scheme> <base64>`, or None when the scheme is offered bare.
 
-    Raises WireError when NTLM is not offered at all or the token is not base64.
+    Raises WireError when the scheme is not offered at all or the token is not base64.
     """
     offered = False
     for value in head.get_all(header):
         for part in value.split(","):
             words = part.strip().split()
-            if not words or words[0].lower() != "ntlm":
+            if not words or words[0].lower() != scheme.lower():
                 continue
             offered = True
             if len(words) >= 2:
                 try:
                     return base64.b64decode(words[1], validate=True)
                 except (binascii.Error, ValueError):
-                    raise WireError("the NTLM challenge is not valid base64") from None
+                    raise WireError(f"the {scheme} challenge is not valid base64") from None
     if not offered:
-        raise WireError("NTLM is not offered")
+        raise WireError(f"{scheme} is not offered")
     return None
 
 

@@ -579,7 +579,6 @@ class GitServer(_ThreadedServer[GitRequest]):
         """Clone URL of the repository."""
         return f"{self.base_url}/repo.git"
 
-
     def _prepare(self) -> None:
         """Create the bare repository with two commits on ``main``."""
         self._tmp = Path(tempfile.mkdtemp(prefix="gitserver-"))
@@ -670,7 +669,6 @@ class PackageIndex(_ThreadedServer[str]):
     def url(self) -> str:
         """The index URL for ``pip --index-url``."""
         return f"{self.base_url}/simple/"
-
 
     def _prepare(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="pkgindex-"))

@@ -103,6 +103,7 @@ class ClientStats:
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     latencies: list[float] = dataclasses.field(default_factory=list)
     clients_made: int = 0
+    aborted: str = ""  # why the run stopped early (mitmdump died)
 
 
 @dataclasses.dataclass
@@ -123,8 +124,11 @@ class SoakResult:
     cpu_percent: float
     handshakes: int
     records_checked: int
+    users_at_parent: Counter[str | None]
     violations: list[str]
     mitm_warnings: list[str]
+    listen_overflows: int
+    mitm_tail: list[str]
 
     @property
     def total_ok(self) -> int:
@@ -141,7 +145,7 @@ class SoakResult:
 
     def problems(self) -> list[str]:
         """Why the run failed; empty when it passed."""
-        out = []
+        out = [self.stats.aborted] if self.stats.aborted else []
         if self.total_failed:
             out.append(f"{self.total_failed} requests failed")
         if self.violations:
@@ -189,6 +193,19 @@ class QuietMitmdump(Mitmdump):
         threading.Thread(target=probe, daemon=True, name="mitmdump-probe").start()
         super().start(expect_failure)
         return self
+
+
+def listen_overflows() -> int:
+    """System-wide count of connections dropped by full accept queues (0 if unreadable)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        fields = dict(zip(names.split(), values.split(), strict=False))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
 
 
 def read_proc(pid: int) -> tuple[int, int, float]:
@@ -247,7 +264,7 @@ class Rig:
             raise ValueError("users must be 1 or 2")
         self.config = config
         self.users = list(USERS)[: config.users]
-        self.origin = Origin()
+        self.origin = Origin()  # its listen backlog is large enough for this load
         self.tls_origin = Origin(tls=True)
         self.parent: ParentProxy | None = None
         self.squid: Squid | None = None
@@ -287,6 +304,7 @@ class Rig:
         options: dict[str, str | int | bool] = {
             "ntlm_domain": DOMAIN,
             "ssl_verify_upstream_trusted_ca": str(self.tls_origin.cert_path),
+            "flow_detail": 0,  # no line per flow: the output stays small, as with warn
         }
         env: dict[str, str] = {}
         if self.config.users == 1:
@@ -435,13 +453,17 @@ class Client:
             if r.content != pattern_bytes(size):
                 raise AssertionError(f"/bytes/{size}: {len(r.content)} bytes, wrong content")
 
-    async def run(self, deadline: float) -> None:
-        """Send requests until the deadline (or the per-client cap); always close the client."""
+    async def run(self, deadline: float, stop: asyncio.Event) -> None:
+        """Send requests until the deadline, ``stop`` or the per-client cap; close the client."""
         cfg = self.rig.config
         await asyncio.sleep(self.rng.random() * cfg.ramp_up)
         left = self.rng.randint(*cfg.reconnect_after)
         try:
-            while time.monotonic() < deadline and self.n < cfg.max_requests_per_client:
+            while (
+                time.monotonic() < deadline
+                and not stop.is_set()
+                and self.n < cfg.max_requests_per_client
+            ):
                 if self.client is None:
                     self.client = self._new_client()
                 kind = self.rng.choices(KINDS, KIND_WEIGHTS)[0]
@@ -452,7 +474,8 @@ class Client:
                 except Exception as e:  # every failure is counted and shown, never fatal
                     self.stats.failed[kind] += 1
                     self.stats.errors[f"{kind}: {describe(e)}"] += 1
-                    left = 0  # start over on a fresh connection
+                    left = 0  # start over on a fresh connection, after a short pause
+                    await asyncio.sleep(0.1)
                 else:
                     self.stats.ok[kind] += 1
                     self.stats.latencies.append(time.perf_counter() - t0)
@@ -475,7 +498,7 @@ def check_status(r: httpx.Response) -> None:
 
 
 def describe(e: BaseException) -> str:
-    """Short, groupable error text (ports and counters vary, so they are cut)."""
+    """Short error text that groups well: exception type and the start of its message."""
     text = str(e) or repr(e)
     return f"{type(e).__name__}: {text[:200]}"
 
@@ -487,7 +510,21 @@ async def run_clients(rig: Rig, stats: ClientStats, seconds: float) -> None:
     clients = [
         Client(i, rig, stats, random.Random(cfg.seed * 100_003 + i)) for i in range(cfg.clients)
     ]
-    await asyncio.gather(*(c.run(deadline) for c in clients))
+    stop = asyncio.Event()
+    watchdog = asyncio.create_task(watch_mitmdump(rig, stats, stop))
+    try:
+        await asyncio.gather(*(c.run(deadline, stop) for c in clients))
+    finally:
+        watchdog.cancel()
+
+
+async def watch_mitmdump(rig: Rig, stats: ClientStats, stop: asyncio.Event) -> None:
+    """End the run early when mitmdump exits: its clients would only fail from then on."""
+    assert rig.mitm is not None and rig.mitm.proc is not None
+    while (code := rig.mitm.proc.poll()) is None:
+        await asyncio.sleep(0.5)
+    stats.aborted = f"mitmdump exited during the run (exit code {code})"
+    stop.set()
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -498,11 +535,11 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def settle_fds(sampler: Sampler, limit: int, timeout: float = 10.0) -> int:
-    """Wait (bounded) for mitmdump to close its connections; the last fd count."""
+def settle_fds(sampler: Sampler, baseline: int, timeout: float = 10.0) -> int:
+    """Wait (bounded) for mitmdump's fds to fall back to ``baseline``; the last count."""
     deadline = time.monotonic() + timeout
     fds = sampler.sample().fds
-    while fds > limit and time.monotonic() < deadline:
+    while fds > baseline and time.monotonic() < deadline:
         time.sleep(0.25)
         fds = sampler.sample().fds
     return fds
@@ -513,13 +550,15 @@ def soak(rig: Rig) -> SoakResult:
     cfg = rig.config
     assert rig.mitm is not None and rig.mitm.proc is not None
     stats = ClientStats()
+    overflows = listen_overflows()
     with Sampler(rig.mitm.proc.pid) as sampler:
         first = sampler.samples[0]
         t_start = time.monotonic()
         asyncio.run(run_clients(rig, stats, cfg.seconds))
         duration = time.monotonic() - t_start
-        end = sampler.sample()
-        fds_end = settle_fds(sampler, first.fds + FD_SLACK)
+        alive = rig.mitm.proc.poll() is None
+        end = sampler.sample() if alive else sampler.samples[-1]
+        fds_end = settle_fds(sampler, first.fds + 2) if alive else end.fds
     during = [s for s in sampler.samples if s.t <= end.t]
     half = first.t + cfg.seconds / 2
     mid = next((s for s in during if s.t >= half), end)
@@ -541,8 +580,11 @@ def soak(rig: Rig) -> SoakResult:
         cpu_percent=100 * (end.cpu_s - first.cpu_s) / max(end.t - first.t, 1e-9),
         handshakes=rig.handshakes(),
         records_checked=len(records) if cfg.users > 1 else 0,
+        users_at_parent=Counter(r.user for r in records),
         violations=violations,
         mitm_warnings=warnings,
+        listen_overflows=listen_overflows() - overflows,
+        mitm_tail=rig.mitm.lines[-10:],
     )
 
 
@@ -570,6 +612,7 @@ def summary(res: SoakResult) -> str:
         mitm_version = mitmproxy.version.VERSION
     except ImportError:
         mitm_version = "?"
+    users = ", ".join(f"{u} {n}" for u, n in sorted(res.users_at_parent.items(), key=str))
     lines = [
         f"soak: {cfg.clients} clients, {cfg.seconds:g} s, parent {parent}, {cfg.users} user(s), "
         f"mitmproxy {mitm_version}, Python {platform.python_version()}",
@@ -593,8 +636,12 @@ def summary(res: SoakResult) -> str:
         f"{'handshakes at the parent':<26}{res.handshakes:>10}"
         + ("   (Type 3 messages)" if cfg.parent == "pyspnego" else "   (TCP_DENIED/407)"),
         f"{'isolation violations':<26}{len(res.violations):>10}"
-        + (f"   ({res.records_checked} parent records checked)" if cfg.users > 1 else
-           "   (single user: not checked)"),
+        + (
+            f"   ({res.records_checked} parent records checked: {users})"
+            if cfg.users > 1
+            else "   (single user: not checked)"
+        ),
+        f"{'TCP listen overflows':<26}{res.listen_overflows:>10}   (system-wide, during the run)",
     ]
     if st.errors:
         lines.append("errors (most common):")
@@ -605,6 +652,9 @@ def summary(res: SoakResult) -> str:
     if res.mitm_warnings:
         lines.append(f"mitmdump [ntlm] log lines at warn level: {len(res.mitm_warnings)}, e.g.")
         lines += [f"  {w[:200]}" for w in res.mitm_warnings[:3]]
+    if st.aborted:
+        lines.append(f"ABORTED: {st.aborted}; last output:")
+        lines += [f"  {line[:200]}" for line in res.mitm_tail]
     problems = res.problems()
     lines.append("verdict: " + ("PASS" if not problems else "FAIL: " + "; ".join(problems)))
     return "\n".join(lines)
@@ -642,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--squid-children", type=int, default=20, help="NTLM helpers (default 20)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.clients < 1 or args.seconds <= 0 or args.squid_children < 1:
+        p.error("--clients, --seconds and --squid-children must be positive")
     config = SoakConfig(
         clients=args.clients,
         seconds=args.seconds,

@@ -100,6 +100,8 @@ class _TrackingServer(http.server.ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = False
+    # socketserver's default backlog of 5 overflows under load tests (SYN retries, resets).
+    request_queue_size = 1024
 
     def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], owner: Any) -> None:
         self.owner = owner

@@ -78,3 +78,14 @@ def test_unlisted_hosts_get_no_credentials(mitm, intranet):
     assert r.stdout.endswith("401")
     assert intranet.counts == {"accepted": 0, "rejected": 0, "authorization_headers": 0}
     assert intranet.logons == []
+
+
+def test_plain_http_origin_through_an_ntlm_parent(mitm, parent, intranet):
+    # The parent pins its origin connection to the client connection once origin NTLM is in
+    # use (as Squid does), so both logons hold: the parent's and the server's inside it.
+    m = mitm(parent.url, {**CREDS, "ntlm_origin_hosts": "127.0.0.1"}, env=ENV)
+    with httpx.Client(proxy=m.url) as client:
+        assert [client.get(f"{intranet.url}/hello").text for _ in range(3)] == ["hello"] * 3
+    assert intranet.counts["accepted"] == 1
+    assert [u for u, _, _ in intranet.logons] == [TEST_PRINCIPAL] * 3
+    assert parent.snapshot().accepted_count == 1

@@ -13,6 +13,9 @@ Legs, for plain http (absolute-form requests):
 - a 407 on an authenticated connection (re-challenge) restarts the legs with a replay of the
   request, on a new connection when the 407 closes the old one.
 For CONNECT the same legs run as the tunnel handshake; afterwards bytes bypass the engine.
+
+The same legs answer an intranet server's 401 (`Target` ORIGIN: Authorization and
+WWW-Authenticate headers, NTLM or Negotiate); there a rejection passes the server's own 401 on.
 """
 
 from __future__ import annotations

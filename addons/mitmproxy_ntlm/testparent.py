@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -166,6 +166,10 @@ class _ConnState:
     forwarded_since_auth: int = 0
     forwarded_total: int = 0
     sent_first_407: bool = False
+    # Origin connections pinned to this client connection once NTLM/Negotiate was sent to the
+    # origin (Squid's connection-auth): the origin's logon is bound to its connection too.
+    pinned: dict[tuple[str, int], tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        field(default_factory=dict))
 
 
 async def _read_head(reader: asyncio.StreamReader, *, request: bool) -> _Head | None:
@@ -590,6 +594,8 @@ class ParentProxy:
         except Exception:
             logger.debug("conn %d: unexpected error", conn_id, exc_info=True)
         finally:
+            for _, pinned_writer in st.pinned.values():
+                await _close_writer(pinned_writer)
             await _close_writer(writer)
             self._tasks.discard(task)
             logger.debug("conn %d: closed", conn_id)
@@ -922,7 +928,8 @@ class ParentProxy:
         writer: asyncio.StreamWriter,
         keep: bool,
     ) -> bool:
-        """Send the request origin-form on a fresh origin connection and relay the response."""
+        """Send the request origin-form and relay the response: on a fresh origin connection,
+        or on the one pinned to this client connection once origin NTLM/Negotiate is in use."""
         method, target, _ = head.parts
         url = urlsplit(target)
         host, port = _parse_authority(url.netloc.rpartition("@")[2], 80)
@@ -935,16 +942,21 @@ class ParentProxy:
         drop |= {"host"}  # RFC 9112 3.2.2: the absolute URL's authority wins over Host
         out_headers = [(k, v) for k, v in head.headers if k.lower() not in drop]
         out_headers.insert(0, ("Host", url.netloc.rpartition("@")[2]))
-        out_headers.append(("Connection", "close"))
+        scheme = (head.get("Authorization") or "").split(" ")[0].lower()
+        pin = (host, port) in st.pinned or scheme in ("ntlm", "negotiate")
+        out_headers.append(("Connection", "keep-alive" if pin else "close"))
         out_head = f"{method} {path} HTTP/1.1\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in out_headers
         )
 
         await self._expect_continue(head, framing, writer)
         try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=_MAX_LINE), _CONNECT_TIMEOUT
-            )
+            if (host, port) in st.pinned:
+                up_reader, up_writer = st.pinned.pop((host, port))
+            else:
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, limit=_MAX_LINE), _CONNECT_TIMEOUT
+                )
         except (TimeoutError, OSError) as e:
             logger.debug("conn %d: origin %s:%d unreachable: %r", st.conn_id, host, port, e)
             await _discard_body(reader, framing)
@@ -972,9 +984,15 @@ class ParentProxy:
                 logger.debug("conn %d: origin failed: %r", st.conn_id, e)
                 await self._send_simple(writer, 502, "Bad Gateway", f"origin: {e}\n", keep=keep)
                 return keep
-            return await self._relay_response(head, resp, up_reader, writer, keep)
+            keep = await self._relay_response(head, resp, up_reader, writer, keep)
+            reusable = (pin and _response_framing(resp, method).kind != "eof"
+                        and "close" not in resp.tokens("Connection"))
+            if reusable:
+                st.pinned[(host, port)] = (up_reader, up_writer)
+            return keep
         finally:
-            await _close_writer(up_writer)
+            if st.pinned.get((host, port), (None, None))[1] is not up_writer:
+                await _close_writer(up_writer)
 
     async def _relay_response(
         self,

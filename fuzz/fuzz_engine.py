@@ -32,7 +32,7 @@ ACTIONS = (eng.ToParent, eng.ToChild, eng.CloseParent, eng.Reconnect, eng.Establ
 def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     which = fdp.ConsumeIntInRange(0, len(REQUESTS) - 1)
-    engine = eng.ParentAuthEngine(UpstreamPolicy(creds=CREDS), "parent:1", "client:2", "parent")
+    engine = eng.AuthEngine(UpstreamPolicy(creds=CREDS), "parent:1", "client:2", "parent")
     if which == 2:
         actions = engine.start_connect(REQUESTS[2])
     else:

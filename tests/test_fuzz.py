@@ -25,13 +25,13 @@ POST = (b"POST http://origin.test/echo HTTP/1.1\r\nHost: origin.test\r\n"
         b"Content-Length: 5\r\n\r\nhello")
 
 
-def new_engine(request: bytes = GET) -> tuple[eng.ParentAuthEngine, list[eng.Action]]:
-    engine = eng.ParentAuthEngine(UpstreamPolicy(creds=CREDS), "parent:8080", "client:1",
+def new_engine(request: bytes = GET) -> tuple[eng.AuthEngine, list[eng.Action]]:
+    engine = eng.AuthEngine(UpstreamPolicy(creds=CREDS), "parent:8080", "client:1",
                                   target_host="parent", client_id="c1")
     return engine, engine.from_child(request)
 
 
-def feed(engine: eng.ParentAuthEngine, data: bytes, cuts: list[int]) -> list[eng.Action]:
+def feed(engine: eng.AuthEngine, data: bytes, cuts: list[int]) -> list[eng.Action]:
     out: list[eng.Action] = []
     last = 0
     for cut in sorted({c % (len(data) + 1) for c in cuts} | {len(data)}):

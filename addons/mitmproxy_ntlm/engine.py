@@ -106,7 +106,7 @@ class Phase(Enum):
     LEG3 = "leg3"  # Type 3 sent
 
 
-class ParentAuthEngine:
+class AuthEngine:
     """Authenticates one parent connection; see the module docstring for the legs."""
 
     def __init__(
@@ -449,7 +449,7 @@ class ParentAuthEngine:
                 return self._skip_body(head, self._send_plain)
             return self._pass_response(head)
         schemes = wire.offered_schemes(head, self.target.challenge_header)
-        self.trace.got_407(f"{status} {head.first[2]}".strip(), schemes)
+        self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
         try:
             challenge = wire.ntlm_challenge(head, self.target.challenge_header, self.scheme)
         except wire.WireError as e:

@@ -3,7 +3,7 @@
 mitmproxy has no public hook that sees the parent's 407, and NTLM must answer it on the same
 connection. `HttpUpstreamProxy` (a private tunnel layer) builds every connection to the parent,
 for CONNECT tunnels and for absolute-form plain http, and mitmproxy looks the class up through
-its module at call time; so `install()` swaps in a subclass that runs `engine.ParentAuthEngine`
+its module at call time; so `install()` swaps in a subclass that runs `engine.AuthEngine`
 on the connection, and `uninstall()` puts the original back. Verified on the versions in
 `SUPPORTED`; `check_version()` refuses others with a clear message.
 """
@@ -79,7 +79,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 
     def __init__(self, ctx, tunnel_conn: connection.Server, send_connect: bool) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx, tunnel_conn, send_connect)
-        self.engine: eng.ParentAuthEngine | None = None
+        self.engine: eng.AuthEngine | None = None
         self._tunnel_open = False  # CONNECT established: bytes bypass the engine
         self._retired: set[connection.Connection] = set()
         self._timers: dict[commands.RequestWakeup, int] = {}
@@ -88,7 +88,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 
     # ------------------------------------------------------------------ setup
 
-    def _new_engine(self) -> eng.ParentAuthEngine | None:
+    def _new_engine(self) -> eng.AuthEngine | None:
         policy = type(self).policy
         if policy is None or not policy.enabled:
             return None
@@ -96,7 +96,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         client = human.format_address(self.context.client.peername)
         host = self.tunnel_connection.address[0] if self.tunnel_connection.address else ""
         via = self.context.server.via
-        engine = eng.ParentAuthEngine(
+        engine = eng.AuthEngine(
             policy, parent, client, target_host=host,
             can_reconnect=not (via and via[0] == "https"), client_id=self.context.client.id,
         )
@@ -362,7 +362,7 @@ class OriginAuthLayer(tunnel.TunnelLayer):
     """Answers an allow-listed server's `401 WWW-Authenticate: NTLM/Negotiate` on its own
     connection (Fiddler's "Automatically Authenticate"), between TLS and the HTTP client."""
 
-    def __init__(self, context: Any, engine: eng.ParentAuthEngine) -> None:
+    def __init__(self, context: Any, engine: eng.AuthEngine) -> None:
         super().__init__(context, tunnel_connection=context.server, conn=context.server)
         self.engine = engine
 
@@ -396,7 +396,7 @@ class OriginAuthLayer(tunnel.TunnelLayer):
             # StartTimer: a server that stalls is covered by mitmproxy's own timeouts
 
 
-OriginEngineFactory = Callable[[Any], "eng.ParentAuthEngine | None"]
+OriginEngineFactory = Callable[[Any], "eng.AuthEngine | None"]
 
 
 def _http_client_with_origin_auth(context: Any) -> layer.Layer:

@@ -91,7 +91,7 @@ class OriginAuth:
         host = host.lower()
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
-    def engine_for(self, context: Any) -> eng.ParentAuthEngine | None:
+    def engine_for(self, context: Any) -> eng.AuthEngine | None:
         """An engine for this server connection when its host is listed, else None."""
         server = context.server
         host = server.sni or (server.address[0] if server.address else "")
@@ -106,7 +106,7 @@ class OriginAuth:
             log.warning("[ntlm] no credentials for the server %s: set ntlm_username or "
                         "ntlm_origin_credentials", host)
             return None
-        engine = eng.ParentAuthEngine(
+        engine = eng.AuthEngine(
             policy, human.format_address(server.address), human.format_address(
                 context.client.peername), target_host=host, can_reconnect=False,
             client_id=context.client.id, target=eng.ORIGIN, creds=own)

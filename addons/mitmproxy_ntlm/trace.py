@@ -65,9 +65,10 @@ class HandshakeTrace:
         self.legs += 1
         self._stage("Type 1 sent", messages.describe(token), logging.DEBUG)
 
-    def got_407(self, status_line: str, schemes: list[str]) -> None:
-        self._stage("407 received", {"status": status_line, "offers": ", ".join(schemes)},
-                    logging.DEBUG)
+    def got_challenge(self, status_line: str, schemes: list[str]) -> None:
+        """A 407 (parent) or 401 (server) with the schemes it offers."""
+        self._stage(f"{status_line[:3]} received",
+                    {"status": status_line, "offers": ", ".join(schemes)}, logging.DEBUG)
 
     def got_type2(self, token: bytes) -> None:
         self.legs += 1

@@ -43,6 +43,16 @@ _ORIGINAL_CLIENT: type[layer.Layer] = getattr(
 )
 
 
+def run_step(engine: eng.AuthEngine, step: Callable[..., list[eng.Action]],
+             *args: Any) -> list[eng.Action]:
+    """Run an engine step; an unexpected exception fails this connection cleanly."""
+    try:
+        return step(*args)
+    except Exception:
+        log.exception("[ntlm] internal error on the connection to %s", engine.parent)
+        return engine.internal_error()
+
+
 class UnsupportedMitmproxy(RuntimeError):
     pass
 
@@ -288,13 +298,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ actions
 
     def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
-        """Run an engine step; an unexpected exception fails this connection cleanly."""
         assert self.engine is not None
-        try:
-            return step(*args)
-        except Exception:
-            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
-            return self.engine.internal_error()
+        return run_step(self.engine, step, *args)
 
     def _report_trace(self) -> None:
         """Hand a finished handshake to the addon once (flow annotations, leg flows)."""
@@ -377,11 +382,7 @@ class OriginAuthLayer(tunnel.TunnelLayer):
         yield from super().receive_close()
 
     def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
-        try:
-            return step(*args)
-        except Exception:
-            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
-            return self.engine.internal_error()
+        return run_step(self.engine, step, *args)
 
     def _run(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[None]:
         for action in actions:

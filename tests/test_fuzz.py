@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +122,16 @@ def test_scheme_switches_mid_stream_give_clear_errors(value: bytes) -> None:
     assert error.data.startswith(b"HTTP/1.1 502")
     assert any(s in error.data for s in (b"does not offer NTLM", b"without a challenge",
                                          b"malformed NTLM challenge"))
+
+
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_garbage_framing_of_a_hidden_407_fails_cleanly(authenticated: bool) -> None:
+    engine, _ = new_engine()
+    if authenticated:  # a re-challenge on a connection that needed no auth so far
+        engine.from_parent(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        engine.from_child(GET)
+    challenge = base64.b64encode(type2(0, b"", b"", 56, 56)).decode()
+    actions = engine.from_parent(b"HTTP/1.1 407 x\r\nProxy-Authenticate: NTLM " + challenge.encode()
+                                 + b"\r\nContent-Length: abc\r\n\r\n")
+    [error] = [a for a in actions if isinstance(a, eng.ToChild)]
+    assert error.data.startswith(b"HTTP/1.1 502") and b"bad Content-Length" in error.data

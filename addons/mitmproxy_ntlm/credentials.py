@@ -31,10 +31,7 @@ class Credentials:
 
     @property
     def principal(self) -> str:
-        """The name a log line shows: DOMAIN\\user (no secret)."""
-        return f"{self.domain}\\{self.user}" if self.domain else self.user
-
-    def spnego_username(self) -> str:
+        """DOMAIN\\user: the name logs show, and the user name pyspnego splits (no secret)."""
         return f"{self.domain}\\{self.user}" if self.domain else self.user
 
     def spnego_secret(self) -> str:

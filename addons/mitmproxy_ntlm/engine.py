@@ -379,12 +379,12 @@ class AuthEngine:
                 raw = wire.split_head(self._resp_in)
                 if raw is None:
                     break
-                head = wire.parse_response_head(raw)
+                # Handling includes framing a hidden response's body (e.g. its Content-Length).
+                out += self._on_response(wire.parse_response_head(raw))
             except wire.WireError as e:
                 out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
                                   f"response: {e}.")
                 break
-            out += self._on_response(head)
             if self.connect_mode and self.state is not ConnState.UNAUTHENTICATED:
                 break
         return out

@@ -73,7 +73,7 @@ class NtlmHandshake:
         self.scheme = scheme
         with _spnego_environment(dialect, creds.workstation):
             self._ctx = spnego.client(
-                creds.spnego_username(),
+                creds.principal,
                 creds.spnego_secret(),
                 hostname=target_host,
                 service="http",

@@ -107,7 +107,10 @@ class Phase(Enum):
 
 
 class AuthEngine:
-    """Authenticates one parent connection; see the module docstring for the legs."""
+    """Authenticates one connection to a parent or a server; the module docstring has the legs.
+
+    `trace_key` names the mitmproxy connection the flows use, so traces reach their flows.
+    """
 
     def __init__(
         self,
@@ -120,8 +123,10 @@ class AuthEngine:
         target: Target = PARENT,
         scheme: str = "NTLM",
         creds: Credentials | None = None,
+        trace_key: str = "",
     ) -> None:
         self.policy = policy
+        self.trace_key = trace_key
         self.client_id = client_id
         self.target = target
         self.scheme = scheme
@@ -184,7 +189,12 @@ class AuthEngine:
         response = wire.error_response(status, reason_phrase, reason, headers)
         return [ToChild(response), CloseParent()]
 
-    trace_key: str = ""
+    def _with_body(self, head: bytes) -> list[Action]:
+        """`head` followed by the request body received so far."""
+        out: list[Action] = [ToParent(head)]
+        if self._replay:
+            out.append(ToParent(bytes(self._replay)))
+        return out
 
     def _start_legs(self) -> list[Action]:
         """Send Type 1: with the request itself, or with a HEAD probe when it has a body."""
@@ -226,19 +236,13 @@ class AuthEngine:
         self.trace.sent(wire.set_header(self._req.raw, self.target.auth_header,
                                         f"{self.scheme} [Type 3 redacted: {self.trace.dialect}]"))
         self.phase = Phase.LEG3
-        out: list[Action] = [ToParent(self._auth_head(self._req.raw, token))]
-        if self._replay:
-            out.append(ToParent(bytes(self._replay)))
-        return out
+        return self._with_body(self._auth_head(self._req.raw, token))
 
     def _send_plain(self) -> list[Action]:
         """The buffered request without auth (after a probe showed no auth is needed)."""
         assert self._req is not None
         self.phase = Phase.PLAIN
-        out: list[Action] = [ToParent(self._req.raw)]
-        if self._replay:
-            out.append(ToParent(bytes(self._replay)))
-        return out
+        return self._with_body(self._req.raw)
 
     # ---------------------------------------------------------------- CONNECT
 
@@ -397,12 +401,9 @@ class AuthEngine:
             # No framing: the body ends when the parent closes; nothing can follow on it.
             framer = wire.BodyFramer(0)
             then = self._reconnect_instead
-        self._skip = framer
-        self._after_skip = then
         if framer.done:
-            self._skip = None
-            self._after_skip = None
             return then()
+        self._skip, self._after_skip = framer, then
         return []
 
     def _reconnect_instead(self) -> list[Action]:

@@ -106,12 +106,11 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         client = human.format_address(self.context.client.peername)
         host = self.tunnel_connection.address[0] if self.tunnel_connection.address else ""
         via = self.context.server.via
-        engine = eng.AuthEngine(
+        return eng.AuthEngine(
             policy, parent, client, target_host=host,
             can_reconnect=not (via and via[0] == "https"), client_id=self.context.client.id,
+            trace_key=self.conn.id,
         )
-        engine.trace_key = self.conn.id
-        return engine
 
     def _connect_request_head(self) -> layer.CommandGenerator[bytes]:
         """Build the CONNECT like mitmproxy does and let other addons edit it once."""

@@ -106,12 +106,11 @@ class OriginAuth:
             log.warning("[ntlm] no credentials for the server %s: set ntlm_username or "
                         "ntlm_origin_credentials", host)
             return None
-        engine = eng.AuthEngine(
-            policy, human.format_address(server.address), human.format_address(
-                context.client.peername), target_host=host, can_reconnect=False,
-            client_id=context.client.id, target=eng.ORIGIN, creds=own)
-        engine.trace_key = f"{server.id}/origin"
-        return engine
+        return eng.AuthEngine(
+            policy, human.format_address(server.address),
+            human.format_address(context.client.peername), target_host=host,
+            can_reconnect=False, client_id=context.client.id, target=eng.ORIGIN, creds=own,
+            trace_key=f"{server.id}/origin")
 
     def tls_clienthello(self, data: Any) -> None:
         """Keep listed hosts on HTTP/1.1 on both sides: connect the server first, offering

@@ -21,7 +21,7 @@ from .credentials import CredentialError, Credentials, SecretSources, build_cred
 from .handshake import Dialect, quiet_spnego_logs
 from .legflows import leg_flows
 from .multiuser import ClientLogins
-from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
+from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy, bounded_set
 from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -254,9 +254,7 @@ class NtlmUpstreamAuth:
             return
         if not self._check_client(flow):
             return
-        self._connect_flows[flow.server_conn.id] = flow
-        while len(self._connect_flows) > 1000:
-            self._connect_flows.popitem(last=False)
+        bounded_set(self._connect_flows, flow.server_conn.id, flow, 1000)
 
     def _handshake_finished(self, trace: HandshakeTrace, client: Any, server: Any) -> None:
         """Called by the layer when a handshake ends: annotate the CONNECT, show the legs."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pacparser
 
 from .parents import ServerSpec
+from .policy import bounded_set
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -83,9 +84,7 @@ class PacResolver:
             result = "DIRECT"
         choices = parse_result(result) or [None]
         log.debug("[ntlm] PAC %s -> %s", host, result)
-        self._cache[key] = choices
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        bounded_set(self._cache, key, choices, self._cache_size)
         return choices
 
     def close(self) -> None:

@@ -66,7 +66,8 @@ class AuthUnavailable(Exception):
     """Credentials must not (or cannot) be sent; the message is shown to the client."""
 
 
-def _bounded_set(store: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+def bounded_set(store: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Insert or refresh `key`, dropping the oldest entries beyond `limit`."""
     store[key] = value
     store.move_to_end(key)
     while len(store) > limit:
@@ -165,7 +166,7 @@ class UpstreamPolicy:
 
     def record(self, conn_id: str, trace: HandshakeTrace) -> None:
         """Remember the trace of the connection for the flows that use it."""
-        _bounded_set(self.traces, conn_id, trace, self.max_traces)
+        bounded_set(self.traces, conn_id, trace, self.max_traces)
 
     def accepted(self, creds: Credentials) -> None:
         self.guard.accepted(creds.principal)
@@ -193,5 +194,5 @@ class UpstreamPolicy:
                           creds.principal, count)
         key = self._rejection_key(creds, client_id)
         if key is not None:
-            _bounded_set(self.rejected, key, (time.monotonic(), text), self.max_traces)
+            bounded_set(self.rejected, key, (time.monotonic(), text), self.max_traces)
         return text

@@ -90,7 +90,9 @@ def test_trace_in_log_flows_and_mitmweb(tmp_path: Path, parent, origin) -> None:
         meta = story.metadata["ntlm"]
         assert meta["result"] == "authenticated" and meta["dialect"] == "NTLMv2"
         assert [s["stage"] for s in meta["stages"]] == [
-            "Type 1 sent", "407 received", "Type 2 received", "Type 3 sent", "result"]
+            "scheme chosen", "Type 1 sent", "407 received", "Type 2 received", "Type 3 sent",
+            "result"]
+        assert meta["scheme"] == "NTLM" and meta["why"].startswith("NTLM: ")
         leg1 = next(f for f in dumped if f.metadata.get("ntlm_leg", {}).get("leg") == 1)
         assert leg1.metadata["ntlm_leg"]["sent"]["type"] == 1
         assert "netbios_computer" in leg1.metadata["ntlm_leg"]["received"]

@@ -1,7 +1,9 @@
 """NTLM credentials held as hashes only, and the ways a user can hand them to us.
 
 A password is turned into its LM and NT hashes as soon as it is read and then dropped: the
-hashes are all NTLM needs, and nothing that can be printed (repr, str, logs) shows them.
+hashes are all NTLM needs, and nothing that can be printed (repr, str, logs) shows them. Only
+when Kerberos tickets are to be obtained with the password (ntlm_kerberos_realm) is the password
+itself kept, in memory, because the KDC needs it (or a key derived with the realm's salt).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class Credentials:
     workstation: str
     nt_hash: bytes = field(repr=False)
     lm_hash: bytes = field(repr=False, default=b"\x00" * 16)
+    kerberos_password: str | None = field(repr=False, default=None, compare=False)
+
+    @property
+    def has_ntlm_secret(self) -> bool:
+        """False for a Kerberos-only identity (a ticket cache or keytab, no password)."""
+        return bool(self.nt_hash)
 
     @property
     def principal(self) -> str:
@@ -128,6 +136,16 @@ class SecretSources:
         }
         return [name for name, value in names.items() if value]
 
+    def password_text(self) -> str | None:
+        """The password itself when one of the password options holds it (not a hash)."""
+        if self.password:
+            return self.password
+        if self.password_env:
+            return os.environ.get(self.password_env) or None
+        if self.password_file:
+            return read_secret_file(self.password_file)
+        return None
+
     def resolve(self) -> tuple[bytes, bytes]:
         """(LM, NT) hashes from whichever single source is set."""
         given = self.given()
@@ -160,13 +178,21 @@ class SecretSources:
 
 
 def build_credentials(
-    user: str, domain: str, workstation: str, sources: SecretSources
+    user: str, domain: str, workstation: str, sources: SecretSources,
+    keep_password: bool = False,
 ) -> Credentials:
-    """Validate the options and derive the hashes (the password is not kept)."""
+    """Validate the options and derive the hashes; the password is kept only if asked for."""
     if not user:
         raise CredentialError("ntlm_username is not set")
     name, dom = split_principal(user, domain)
     lm, nt = sources.resolve()
     return Credentials(
-        user=name, domain=dom, workstation=workstation.upper(), nt_hash=nt, lm_hash=lm
+        user=name, domain=dom, workstation=workstation.upper(), nt_hash=nt, lm_hash=lm,
+        kerberos_password=sources.password_text() if keep_password else None,
     )
+
+
+def kerberos_only(principal: str, workstation: str) -> Credentials:
+    """An identity known only by its Kerberos principal (ticket cache or keytab, no secret)."""
+    return Credentials(user=principal, domain="", workstation=workstation.upper(), nt_hash=b"",
+                       lm_hash=b"")

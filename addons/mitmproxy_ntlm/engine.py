@@ -14,6 +14,10 @@ Legs, for plain http (absolute-form requests):
   request, on a new connection when the 407 closes the old one.
 For CONNECT the same legs run as the tunnel handshake; afterwards bytes bypass the engine.
 
+Kerberos (chosen per exchange by `schemes.SchemeChooser`) has a single leg: the request (or the
+HEAD probe) carries `Negotiate <AP-REQ>` and any answer but a 407 means authenticated. A 407
+to it falls back to NTLM on the same connection when the chooser allows.
+
 The same legs answer an intranet server's 401 (`Target` ORIGIN: Authorization and
 WWW-Authenticate headers, NTLM or Negotiate); there a rejection passes the server's own 401 on.
 """
@@ -28,7 +32,9 @@ from enum import Enum
 from . import wire
 from .credentials import Credentials
 from .handshake import ChallengeError, NtlmHandshake
+from .kerberos import KerberosHandshake, KerberosRejected
 from .policy import AuthUnavailable, UpstreamPolicy
+from .schemes import NoScheme
 from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -104,6 +110,7 @@ class Phase(Enum):
     PLAIN = "plain"  # request sent without auth header
     LEG1 = "leg1"  # Type 1 sent
     LEG3 = "leg3"  # Type 3 sent
+    KERBEROS = "kerberos"  # the single Kerberos token sent
 
 
 class AuthEngine:
@@ -155,8 +162,9 @@ class AuthEngine:
         self._after_skip: Callable[[], list[Action]] | None = None
         self._waiting_for_request_end: Callable[[], list[Action]] | None = None
         self._challenge: bytes | None = None
-        self._handshake: NtlmHandshake | None = None
+        self._handshake: NtlmHandshake | KerberosHandshake | None = None
         self._reconnects = 0
+        self._scheme_switches = 0  # per request: Kerberos -> NTLM, NTLM -> Negotiate
 
     # ---------------------------------------------------------------- helpers
 
@@ -211,10 +219,27 @@ class AuthEngine:
         kind = f"{self._req.first[0]} {self._req.first[1]}"
         self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
                                     key=self.trace_key)
-        self._handshake = self.policy.handshake(self.creds, self.target_host, self.scheme)
+        try:
+            choice = self.policy.choose(self.creds, self.parent, self.target_host,
+                                        self.target.name)
+        except KerberosRejected as e:
+            return self._kerberos_logon_rejected(str(e))
+        except NoScheme as e:
+            if self.target is ORIGIN:
+                log.warning("[ntlm] %s", e)
+                self.state = ConnState.REJECTED
+                return self._send_plain()
+            return self._fail(str(e))
+        self.scheme = choice.header
+        self._handshake = choice.handshake
+        self.trace.chose(choice.handshake.mechanism, choice.header, choice.why)
         token = self._handshake.negotiate()
-        self.trace.sent_type1(token)
-        self.phase = Phase.LEG1
+        if self._handshake.single_leg:
+            self.trace.sent_kerberos(token, self._handshake.ticket.principal)
+            self.phase = Phase.KERBEROS
+        else:
+            self.trace.sent_type1(token)
+            self.phase = Phase.LEG1
         self._challenge = None
         has_body = self._req_framer is not None and (
             not self._req_framer.done or bool(self._replay)
@@ -224,8 +249,22 @@ class AuthEngine:
         self.trace.sent(leg)
         return [ToParent(leg), StartTimer(self.generation)]
 
+    def _kerberos_logon_rejected(self, reason: str) -> list[Action]:
+        """The KDC refused the password: a failed logon, counted like a rejected Type 3."""
+        assert self.creds is not None
+        text = self.policy.rejected_by_parent(self.creds, self.parent, self.client_id,
+                                              what=f"Kerberos: {reason}.")
+        if self.trace:
+            self.trace.finish("rejected", logging.WARNING)
+        if self.target is ORIGIN:
+            log.warning("[ntlm] %s", text)
+            self.state = ConnState.REJECTED
+            return self._send_plain()
+        return self._fail(text, result="rejected", auth_failure=True)
+
     def _send_leg3(self) -> list[Action]:
         assert self._req is not None and self._handshake is not None and self.trace
+        assert isinstance(self._handshake, NtlmHandshake)
         assert self._challenge is not None
         try:
             token = self._handshake.authenticate(self._challenge)
@@ -306,6 +345,7 @@ class AuthEngine:
         self._passing = False
         self._skip = None
         self._reconnects = 0
+        self._scheme_switches = 0
         if self.state is ConnState.UNAUTHENTICATED:
             return self._start_legs()
         if self.state is ConnState.REJECTED:
@@ -343,7 +383,7 @@ class AuthEngine:
     def _body(self, chunk: bytes) -> list[Action]:
         if not chunk:
             return []
-        holding = self.phase is Phase.LEG1 and self._probe
+        holding = self.phase in (Phase.LEG1, Phase.KERBEROS) and self._probe
         if self._replay is not None:
             if holding or len(self._replay) + len(chunk) <= self.policy.replay_limit:
                 self._replay += chunk
@@ -395,7 +435,8 @@ class AuthEngine:
 
     def _skip_body(self, head: wire.Head, then: Callable[[], list[Action]]) -> list[Action]:
         """Consume the body of a hidden response, then continue with `then`."""
-        method = "HEAD" if self._probe and self.phase is Phase.LEG1 else self._req_method()
+        probing = self._probe and self.phase in (Phase.LEG1, Phase.KERBEROS)
+        method = "HEAD" if probing else self._req_method()
         framer = wire.response_framer(head, method)
         if framer.until_close:
             # No framing: the body ends when the parent closes; nothing can follow on it.
@@ -426,10 +467,12 @@ class AuthEngine:
 
     def _on_response(self, head: wire.Head) -> list[Action]:
         status = head.status
-        if self.trace is not None and self.phase in (Phase.LEG1, Phase.LEG3):
+        if self.trace is not None and self.phase in (Phase.LEG1, Phase.LEG3, Phase.KERBEROS):
             self.trace.received(head.raw)
         if self.phase is Phase.LEG1:
             return self._on_leg1_response(head)
+        if self.phase is Phase.KERBEROS:
+            return self._on_kerberos_response(head)
         if self.phase is Phase.LEG3:
             return self._on_leg3_response(head)
         if self.phase is Phase.PLAIN and status == self.target.status:
@@ -454,10 +497,12 @@ class AuthEngine:
         try:
             challenge = wire.ntlm_challenge(head, self.target.challenge_header, self.scheme)
         except wire.WireError as e:
+            if "not offered" in str(e):
+                assert self.policy.chooser is not None
+                self.policy.chooser.learn(self.parent, schemes)  # a bare challenge
+                if self._can_switch(schemes):
+                    return self._switch_scheme(head, f"{self.scheme} is not offered")
             if "not offered" in str(e) and self.target is ORIGIN:
-                if self.scheme == "NTLM" and "Negotiate" in schemes:
-                    self.scheme = "Negotiate"  # NTLM inside SPNEGO
-                    return self._skip_body(head, self._start_legs)
                 log.warning("[ntlm] %s -> %s: the server offers %s, not NTLM/Negotiate; "
                             "passing its %d on", self.client, self.parent,
                             ", ".join(schemes) or "nothing", status)
@@ -481,6 +526,65 @@ class AuthEngine:
             pass
         self._challenge = challenge
         return self._skip_body(head, self._send_leg3)
+
+    def _can_switch(self, schemes: list[str]) -> bool:
+        """Another scheme the peer offers may work: one switch per request, never a loop."""
+        lowered = {s.lower() for s in schemes}
+        return self._scheme_switches < 2 and bool(lowered & {"ntlm", "negotiate"})
+
+    def _switch_scheme(self, head: wire.Head, why: str) -> list[Action]:
+        """Start over with the scheme the chooser now picks, on this connection if it stays."""
+        self._scheme_switches += 1
+        assert self.trace is not None
+        self.trace.note("scheme change", why)
+        if self._replay is None:
+            return self._fail(f"The {self.target.name} {self.parent} refused {why} and the "
+                              f"request body was too large to send again (ntlm_replay_limit).")
+        if not head.keeps_alive():
+            return self._skip_body(head, self._reconnect_instead)
+        return self._skip_body(head, self._start_legs)
+
+    def _on_kerberos_response(self, head: wire.Head) -> list[Action]:
+        assert self.trace is not None and self.creds is not None
+        assert isinstance(self._handshake, KerberosHandshake)
+        status = head.status
+        if status == self.target.status:
+            schemes = wire.offered_schemes(head, self.target.challenge_header)
+            self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
+            assert self.policy.chooser is not None
+            self.policy.chooser.learn(self.parent, schemes)
+            reason = (f"the {self.target.name} did not accept the Kerberos ticket for "
+                      f"{self._handshake.spn} (it offers {', '.join(schemes) or 'nothing'})")
+            self.policy.chooser.kerberos_refused(self.parent, reason)
+            log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
+            if self.creds.has_ntlm_secret and self._can_switch(schemes) and \
+                    self.policy.chooser.mode.value == "auto":
+                return self._switch_scheme(head, "Kerberos")
+            self.trace.finish("rejected", logging.WARNING)
+            if self.target is ORIGIN:
+                self.state = ConnState.REJECTED
+                if self._probe:
+                    return self._skip_body(head, self._send_plain)
+                return self._pass_response(head)
+            return self._fail(f"The {reason}. Check the ticket (klist) and the service "
+                              f"principal (ntlm_kerberos_spn).", result="rejected")
+        if self.connect_mode and not 200 <= status < 300:
+            return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT after "
+                              f"authentication: {status} {head.first[2]}".rstrip())
+        try:
+            answer = wire.ntlm_challenge(head, self.target.challenge_header, "Negotiate")
+        except wire.WireError:
+            answer = None
+        if answer is not None and not self._handshake.mutual(answer):
+            return self._fail(f"The {self.target.name} {self.parent} answered with a Kerberos "
+                              f"token that does not verify (mutual authentication failed).")
+        self.state = ConnState.AUTHENTICATED
+        self.policy.accepted(self.creds)
+        self.trace.finish("authenticated")
+        self.policy.record(self.trace_key, self.trace)
+        if self._probe:
+            return self._skip_body(head, self._send_plain)
+        return self._pass_response(head)
 
     def _on_leg3_response(self, head: wire.Head) -> list[Action]:
         assert self.trace is not None and self.creds is not None
@@ -553,9 +657,11 @@ class AuthEngine:
         """The parent closed the connection; the child sees the close after these actions."""
         if self.state is ConnState.FAILED:
             return []
-        handshaking = self.phase in (Phase.LEG1, Phase.LEG3) or self._skip is not None
+        handshaking = self.phase in (Phase.LEG1, Phase.LEG3, Phase.KERBEROS) or \
+            self._skip is not None
         if handshaking and not self._passing:
-            stage = "after the Type 1" if self.phase is Phase.LEG1 else "after the Type 3"
+            stage = {Phase.LEG1: "after the Type 1", Phase.KERBEROS: "after the Kerberos token"}\
+                .get(self.phase, "after the Type 3")
             return self._fail(f"The {self.target.name} {self.parent} closed the connection during "
                               f"the NTLM handshake ({stage}).")
         return []
@@ -565,7 +671,8 @@ class AuthEngine:
         return self._fail("mitmproxy-ntlm hit an internal error; the log has the details.")
 
     def timed_out(self, generation: int) -> list[Action]:
-        if generation != self.generation or self.phase not in (Phase.LEG1, Phase.LEG3):
+        if generation != self.generation or \
+                self.phase not in (Phase.LEG1, Phase.LEG3, Phase.KERBEROS):
             return []
         if self._passing or self.state is ConnState.FAILED:
             return []

@@ -62,9 +62,14 @@ def _spnego_environment(dialect: Dialect, workstation: str) -> Iterator[None]:
 class NtlmHandshake:
     """Produces the Type 1 and, given the peer's Type 2, the Type 3 for one connection.
 
-    `scheme` "NTLM" sends raw NTLMSSP messages; "Negotiate" wraps them in SPNEGO (pyspnego
-    falls back to NTLM inside Negotiate when no Kerberos is available).
+    The messages are raw NTLMSSP under either header scheme: under `Negotiate` that is what
+    Windows clients send when Kerberos is not available, and what Squid's negotiate_wrapper and
+    IIS accept. pyspnego's own NTLM is always used (never SPNEGO through gssapi, which would
+    try Kerberos with the NTLM secret as a password: a failed logon at the domain controller).
     """
+
+    single_leg = False
+    mechanism = "NTLM"
 
     def __init__(self, creds: Credentials, dialect: Dialect, target_host: str,
                  scheme: str = "NTLM") -> None:
@@ -77,7 +82,8 @@ class NtlmHandshake:
                 creds.spnego_secret(),
                 hostname=target_host,
                 service="http",
-                protocol="negotiate" if scheme == "Negotiate" else "ntlm",
+                protocol="ntlm",
+                options=spnego.NegotiateOptions.use_ntlm,
             )
 
     def negotiate(self) -> bytes:
@@ -88,7 +94,7 @@ class NtlmHandshake:
 
     def authenticate(self, challenge: bytes) -> bytes:
         """The Type 3 answering `challenge`; ChallengeError when the challenge is unusable."""
-        if self.scheme == "NTLM" and not challenge.startswith(b"NTLMSSP\x00\x02\x00\x00\x00"):
+        if not challenge.startswith(b"NTLMSSP\x00\x02\x00\x00\x00"):
             raise ChallengeError("the NTLM challenge is not an NTLMSSP Type 2 message")
         try:
             with _spnego_environment(self.dialect, self.creds.workstation):

@@ -115,7 +115,26 @@ def describe(token: bytes) -> dict[str, Any]:
             return describe_authenticate(token)
     except Exception as e:
         return {"type": kind, "error": f"undecodable ({type(e).__name__})"}
+    gss = describe_gss(token)
+    if gss:
+        return gss
     return {"error": "not an NTLMSSP message"}
+
+
+_KRB5_OID = bytes.fromhex("06092a864886f712010202")  # 1.2.840.113554.1.2.2
+_SPNEGO_OID = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
+
+
+def describe_gss(token: bytes) -> dict[str, Any]:
+    """Name a Kerberos or SPNEGO token by its framing only (its content is a credential)."""
+    if token[:1] == b"\x60" and _SPNEGO_OID in token[:24]:
+        inner = "Kerberos AP-REQ" if _KRB5_OID in token[:96] else "other mechanism"
+        return {"type": "SPNEGO NegTokenInit", "carries": inner, "bytes": len(token)}
+    if token[:1] == b"\x60" and _KRB5_OID in token[:24]:
+        return {"type": "Kerberos AP-REQ", "bytes": len(token)}
+    if token[:1] == b"\xa1":
+        return {"type": "SPNEGO NegTokenResp", "bytes": len(token)}
+    return {}
 
 
 def describe_b64(value: str) -> dict[str, Any]:

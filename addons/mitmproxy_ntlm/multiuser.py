@@ -39,23 +39,27 @@ def decode_basic(value: str) -> tuple[str, str]:
 
 
 def client_credentials(user: str, password: str, default_domain: str,
-                       workstation: str) -> Credentials:
-    """NTLM credentials (hashes only) for a client's user name and password."""
+                       workstation: str, keep_password: bool = False) -> Credentials:
+    """NTLM credentials for a client's user name and password (hashes only, unless Kerberos
+    tickets are to be obtained with the password)."""
     if not user or not password:
         raise CredentialError("a user name and a password are needed")
     name, domain = split_principal(user, "")
     lm, nt = hashes_from_password(password)
     return Credentials(user=name, domain=domain or default_domain, workstation=workstation,
-                       nt_hash=nt, lm_hash=lm)
+                       nt_hash=nt, lm_hash=lm,
+                       kerberos_password=password if keep_password else None)
 
 
 class ClientLogins:
     """Reads clients' Basic credentials and pins them to client connections."""
 
-    def __init__(self, policy: UpstreamPolicy, default_domain: str, workstation: str) -> None:
+    def __init__(self, policy: UpstreamPolicy, default_domain: str, workstation: str,
+                 keep_passwords: bool = False) -> None:
         self.policy = policy
         self.default_domain = default_domain
         self.workstation = workstation
+        self.keep_passwords = keep_passwords  # for Kerberos tickets per user
 
     def challenge(self, flow: http.HTTPFlow, reason: str) -> None:
         """Answer with 407 + Basic challenge so browsers and tools prompt."""
@@ -85,7 +89,8 @@ class ClientLogins:
         client_id = client.id
         pinned = self.policy.identities.get(client_id)
         try:
-            creds = client_credentials(user, password, self.default_domain, self.workstation)
+            creds = client_credentials(user, password, self.default_domain, self.workstation,
+                                       self.keep_passwords)
         except CredentialError as e:
             return f"Proxy authentication failed: {e}."
         if pinned is not None and pinned != creds and not http_version.startswith("HTTP/1"):

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .credentials import Credentials
-from .handshake import Dialect, NtlmHandshake
+from .handshake import Dialect
+from .schemes import Choice, SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -101,6 +102,12 @@ class UpstreamPolicy:
     rejected_ttl: float = 300.0
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
+    # Kerberos or NTLM per peer; the default speaks NTLM only (no ticket source).
+    chooser: SchemeChooser | None = None
+
+    def __post_init__(self) -> None:
+        if self.chooser is None:
+            self.chooser = SchemeChooser(SchemeMode.NTLM, self.dialect, None)
 
     @property
     def enabled(self) -> bool:
@@ -160,9 +167,10 @@ class UpstreamPolicy:
             return 407, {"Proxy-Authenticate": f'Basic realm="{self.realm}"'}
         return 502, {}
 
-    def handshake(self, creds: Credentials, target_host: str,
-                  scheme: str = "NTLM") -> NtlmHandshake:
-        return NtlmHandshake(creds, self.dialect, target_host, scheme)
+    def choose(self, creds: Credentials, peer: str, peer_host: str, what: str) -> Choice:
+        """The scheme and handshake for the next exchange with `peer` (see schemes.py)."""
+        assert self.chooser is not None
+        return self.chooser.choose(creds, peer, peer_host, what, self.multiuser)
 
     def record(self, conn_id: str, trace: HandshakeTrace) -> None:
         """Remember the trace of the connection for the flows that use it."""
@@ -172,16 +180,20 @@ class UpstreamPolicy:
         self.guard.accepted(creds.principal)
 
     def rejected_by_parent(self, creds: Credentials, parent: str,
-                           client_id: str | None = None) -> str:
-        """Count a rejection; return the explanation for the client."""
+                           client_id: str | None = None, what: str = "") -> str:
+        """Count a rejection; return the explanation for the client.
+
+        `what` replaces the first sentence (the KDC, not the parent, refused a Kerberos logon).
+        """
         count = self.guard.rejected(creds.principal)
         limit = self.guard.limit
         which = ("the user name and password" if self.multiuser
                  else "ntlm_username, ntlm_domain and the password or hash")
-        text = (
+        text = what or (
             f"The parent proxy {parent} rejected the NTLM credentials for {creds.principal} "
-            f"({self.dialect.label}). Check {which}."
+            f"({self.dialect.label})."
         )
+        text += f" Check {which}."
         if limit > 0:
             text += f" Consecutive rejections: {count} of {limit}."
             if count >= limit and not self.multiuser:

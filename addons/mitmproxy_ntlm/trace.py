@@ -25,8 +25,10 @@ class HandshakeTrace:
     client: str
     kind: str  # "CONNECT host:port" or "GET http://..."
     principal: str = ""
-    dialect: str = ""
-    legs: int = 0  # NTLM messages exchanged: Type 1, 2, 3
+    dialect: str = ""  # NTLMv2 etc., or Kerberos
+    scheme: str = ""  # header scheme used: NTLM or Negotiate
+    why: str = ""  # why that scheme and mechanism were chosen
+    legs: int = 0  # messages exchanged: Type 1, 2, 3 (NTLM) or 1 (Kerberos)
     result: str = "pending"  # authenticated | rejected | no auth needed | failed: ...
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
@@ -60,6 +62,22 @@ class HandshakeTrace:
     def received(self, response_head: bytes) -> None:
         if self.exchanges and self.exchanges[-1][1] is None:
             self.exchanges[-1][1] = response_head
+
+    def chose(self, mechanism: str, scheme: str, why: str) -> None:
+        self.scheme = scheme
+        self.why = why
+        self._stage("scheme chosen", {"mechanism": mechanism, "scheme": scheme, "why": why},
+                    logging.DEBUG)
+
+    def note(self, stage: str, text: str) -> None:
+        self._stage(stage, {"detail": text}, logging.INFO)
+
+    def sent_kerberos(self, token: bytes, principal: str) -> None:
+        """The one Kerberos leg; the ticket's principal is the identity the parent sees."""
+        self.legs += 1
+        self.dialect = "Kerberos"
+        self.principal = principal
+        self._stage("Kerberos token sent", messages.describe(token), logging.DEBUG)
 
     def sent_type1(self, token: bytes) -> None:
         self.legs += 1
@@ -109,6 +127,8 @@ class HandshakeTrace:
             "parent": self.parent,
             "principal": self.principal,
             "dialect": self.dialect,
+            "scheme": self.scheme,
+            "why": self.why,
             "result": self.result,
             "legs": self.legs,
             "ms": round(self.elapsed_ms, 1),

@@ -129,3 +129,26 @@ def mitm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Mit
     yield start
     for m in started:
         m.stop()
+
+
+BOB_PASSWORD = "Bob-Pass-2x"
+
+
+@pytest.fixture(scope="session")
+def domain() -> Iterator[Any]:
+    """A Samba AD DC for CORP.TEST on loopback: alice (the test password), bob, carol, dave."""
+    from domain import SambaDC
+
+    users = {TEST_USER: TEST_PASSWORD, "bob": BOB_PASSWORD, "carol": "Carol-Pass-3x",
+             "dave": "Dave-Pass-4x"}
+    with SambaDC(users) as dc:
+        yield dc
+
+
+@pytest.fixture(scope="module")
+def domain_squid(domain: Any) -> Iterator[Squid]:
+    """Squid offering Negotiate (Kerberos, or NTLM inside) and NTLM, both checked by the DC."""
+    from domain import domain_squid as make
+
+    with make(domain) as s:
+        yield s

@@ -723,7 +723,7 @@ class Squid:
     only loopback clients are served. Runs as user ``proxy`` when started as root.
     """
 
-    MODES = ("ntlm_fake", "none")
+    MODES = ("ntlm_fake", "none", "custom")
 
     def __init__(
         self,
@@ -733,6 +733,8 @@ class Squid:
         extra_config: str = "",
         binary: str = "squid",
         helper: str = "/usr/lib/squid/ntlm_fake_auth",
+        auth_lines: list[str] | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}")
@@ -741,6 +743,8 @@ class Squid:
         self.extra_config = extra_config
         self.binary = binary
         self.helper = helper
+        self.auth_lines = auth_lines or []  # mode "custom": the auth_param lines
+        self.environment = environment or {}  # for the helpers (e.g. KRB5_CONFIG)
         self.port = 0
         self.dir = Path()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -812,6 +816,8 @@ class Squid:
                 "acl auth proxy_auth REQUIRED",
                 "http_access allow auth",
             ]
+        elif self.mode == "custom":
+            lines += [*self.auth_lines, "acl auth proxy_auth REQUIRED", "http_access allow auth"]
         else:
             lines.append("http_access allow loopback")
         lines.append("http_access deny all")
@@ -846,6 +852,7 @@ class Squid:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
+                    env={**os.environ, **self.environment},
                     start_new_session=True,  # Ctrl-C in a terminal must not hit squid mid-test
                 )
             try:

@@ -8,6 +8,7 @@ flow's authentication story on the flow for mitmweb and the console.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections import OrderedDict
 from typing import Any
@@ -16,12 +17,20 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 
-from . import messages, mitmproxy_internals
-from .credentials import CredentialError, Credentials, SecretSources, build_credentials
+from . import kerberos, messages, mitmproxy_internals
+from .credentials import (
+    CredentialError,
+    Credentials,
+    SecretSources,
+    build_credentials,
+    kerberos_only,
+)
 from .handshake import Dialect, quiet_spnego_logs
+from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
 from .legflows import leg_flows
 from .multiuser import ClientLogins
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy, bounded_set
+from .schemes import SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -43,6 +52,13 @@ CREDENTIAL_OPTIONS = (
     "ntlm_multiuser",
     "ntlm_realm",
     "ntlm_lockout_cooldown",
+    "ntlm_scheme",
+    "ntlm_kerberos_ccache",
+    "ntlm_kerberos_keytab",
+    "ntlm_kerberos_principal",
+    "ntlm_kerberos_realm",
+    "ntlm_kerberos_spn",
+    "ntlm_kerberos_lifetime",
     "proxyauth",
 )
 
@@ -55,6 +71,7 @@ class NtlmUpstreamAuth:
         self.logins: ClientLogins | None = None
         # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
         self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
+        self.tickets: KerberosTickets | None = None
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
@@ -96,6 +113,31 @@ class NtlmUpstreamAuth:
         loader.add_option("ntlm_lockout_cooldown", int, 300,
                           "Multi-user mode: seconds a user's credentials stay blocked after "
                           "ntlm_max_failures consecutive rejections.")
+        loader.add_option("ntlm_scheme", str, SchemeMode.AUTO.value,
+                          "auto: Kerberos (Negotiate) when a ticket is available and the peer "
+                          "offers Negotiate, else NTLM; kerberos or ntlm pin one scheme.",
+                          choices=[m.value for m in SchemeMode])
+        loader.add_option("ntlm_kerberos_ccache", str, "",
+                          "Kerberos ticket cache filled by kinit, e.g. FILE:/tmp/krb5cc_1000 "
+                          "(default: KRB5CCNAME or the system default). Without ntlm_username "
+                          "the cache's principal is the identity.")
+        loader.add_option("ntlm_kerberos_keytab", str, "",
+                          "Client keytab to get (and renew) Kerberos tickets from, instead of a "
+                          "ticket cache.")
+        loader.add_option("ntlm_kerberos_principal", str, "",
+                          "Principal in ntlm_kerberos_keytab (default: ntlm_username at the "
+                          "realm, else the keytab's first entry).")
+        loader.add_option("ntlm_kerberos_realm", str, "",
+                          "Kerberos realm (e.g. CORP.EXAMPLE.COM). When set, tickets are "
+                          "obtained and renewed with the NTLM password (kept in memory for "
+                          "that), also for each user in multi-user mode.")
+        loader.add_option("ntlm_kerberos_spn", str, "",
+                          "Service principal of the parent, e.g. HTTP/proxy.corp.example "
+                          "(default: HTTP/ and the parent's host name as given in --mode).")
+        loader.add_option("ntlm_kerberos_lifetime", int, 0,
+                          "Lifetime in seconds to ask for tickets obtained with a keytab or "
+                          "password (0: the KDC's default); they are renewed 5 minutes before "
+                          "they expire.")
         loader.add_option("ntlm_show_legs", bool, False,
                           "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
                           "own in mitmweb and the console; Type 3 responses are redacted.")
@@ -104,13 +146,20 @@ class NtlmUpstreamAuth:
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
             return
         opts = ctx.options
+        self._configure_kerberos()
         if opts.ntlm_multiuser:
             self._configure_multiuser()
             return
         if not opts.ntlm_username:
-            self.policy = None
+            creds = self._kerberos_identity()
+            if creds is None:
+                self.policy = None
+                self.logins = None
+                mitmproxy_internals.uninstall()
+                return
             self.logins = None
-            mitmproxy_internals.uninstall()
+            self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+            log.info("[ntlm] Kerberos only, as %s, to the parent proxy", creds.principal)
             return
         try:
             creds = build_credentials(
@@ -125,6 +174,7 @@ class NtlmUpstreamAuth:
                     pass_lm=opts.ntlm_pass_lm,
                     hashes=opts.ntlm_hashes,
                 ),
+                keep_password=self._tickets_from_passwords(),
             )
         except CredentialError as e:
             raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
@@ -154,12 +204,63 @@ class NtlmUpstreamAuth:
         self._install(creds=None, guard=LockoutGuard(opts.ntlm_max_failures,
                                                      cooldown=float(opts.ntlm_lockout_cooldown)))
         assert self.policy is not None
-        self.logins = ClientLogins(self.policy, opts.ntlm_domain, opts.ntlm_workstation.upper())
+        self.logins = ClientLogins(self.policy, opts.ntlm_domain, opts.ntlm_workstation.upper(),
+                                   keep_passwords=self._tickets_from_passwords())
         log.info("[ntlm] multi-user mode: clients authenticate with Basic, %s towards the parent "
                  "(default domain %s)", self._dialect().label, opts.ntlm_domain or "none")
 
     def _dialect(self) -> Dialect:
         return Dialect(ctx.options.ntlm_dialect)
+
+    def _configure_kerberos(self) -> None:
+        """Validate the Kerberos options; a fresh ticket store (tickets we own are dropped)."""
+        opts = ctx.options
+        mode = SchemeMode(opts.ntlm_scheme)
+        asked = [name for name in ("ntlm_kerberos_ccache", "ntlm_kerberos_keytab",
+                                   "ntlm_kerberos_realm") if getattr(opts, name)]
+        if mode is not SchemeMode.NTLM and (asked or mode is SchemeMode.KERBEROS) \
+                and not kerberos.available():
+            raise exceptions.OptionsError(
+                f"mitmproxy-ntlm: {', '.join(asked) or 'ntlm_scheme=kerberos'} needs the Kerberos "
+                f"extra: pip install 'mitmproxy-ntlm[kerberos]' (it builds gssapi against the "
+                f"system's Kerberos library: apt-get install libkrb5-dev, or brew install krb5)")
+        if opts.ntlm_kerberos_keytab and not os.path.isfile(opts.ntlm_kerberos_keytab):
+            raise exceptions.OptionsError(
+                f"mitmproxy-ntlm: ntlm_kerberos_keytab {opts.ntlm_kerberos_keytab} does not exist")
+        if opts.ntlm_kerberos_lifetime < 0:
+            raise exceptions.OptionsError("ntlm_kerberos_lifetime must be 0 or more")
+        if self.tickets is not None:
+            self.tickets.forget()
+        self.tickets = KerberosTickets(KerberosSettings(
+            ccache=opts.ntlm_kerberos_ccache,
+            keytab=opts.ntlm_kerberos_keytab,
+            principal=opts.ntlm_kerberos_principal,
+            realm=opts.ntlm_kerberos_realm,
+            lifetime=opts.ntlm_kerberos_lifetime,
+            spn=opts.ntlm_kerberos_spn,
+        ))
+
+    def _tickets_from_passwords(self) -> bool:
+        opts = ctx.options
+        return bool(opts.ntlm_kerberos_realm) and opts.ntlm_scheme != SchemeMode.NTLM.value
+
+    def _kerberos_identity(self) -> Credentials | None:
+        """Without ntlm_username: the identity of a configured ticket cache or keytab."""
+        opts = ctx.options
+        mode = SchemeMode(opts.ntlm_scheme)
+        wanted = opts.ntlm_kerberos_ccache or opts.ntlm_kerberos_keytab or \
+            mode is SchemeMode.KERBEROS
+        if mode is SchemeMode.NTLM or not wanted:
+            return None
+        assert self.tickets is not None
+        principal = opts.ntlm_kerberos_principal
+        if not principal:
+            try:
+                principal = self.tickets.ticket(None, multiuser=False).principal
+            except KerberosUnavailable as e:
+                log.warning("[ntlm] Kerberos: %s (requests fail until there is a ticket)", e)
+        return kerberos_only(principal or "the ticket cache's principal",
+                             opts.ntlm_workstation)
 
     def _install(self, creds: Credentials | None, guard: LockoutGuard) -> None:
         """Validate the shared options and route parent connections through the NTLM layer."""
@@ -176,8 +277,10 @@ class NtlmUpstreamAuth:
         if dialect is not Dialect.NTLMV2:
             log.warning("[ntlm] ntlm_dialect=%s is weak (crackable responses); use it only for a "
                         "parent that refuses NTLMv2", dialect.value)
+        assert self.tickets is not None
         self.policy = UpstreamPolicy(
             creds=creds,
+            chooser=SchemeChooser(SchemeMode(opts.ntlm_scheme), dialect, self.tickets),
             dialect=dialect,
             guard=guard,
             replay_limit=opts.ntlm_replay_limit,
@@ -198,6 +301,8 @@ class NtlmUpstreamAuth:
 
     def done(self) -> None:
         mitmproxy_internals.uninstall()
+        if self.tickets is not None:
+            self.tickets.forget()
 
     def socks5_auth(self, data: Any) -> None:
         """SOCKS5 username/password (offered when proxyauth is set) become the identity."""
@@ -343,7 +448,14 @@ class NtlmUpstreamAuth:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "
                          f"{policy.guard.limit}{blocked}")
-        lines += [f"  {t.client} -> {t.parent} {t.kind}: {t.result}" for t in traces[-5:]]
+        assert policy.chooser is not None
+        lines.append(f"scheme: {policy.chooser.mode.value}")
+        if self.tickets is not None:
+            lines += [f"Kerberos ticket {t['principal']} from {t['source']}, valid until "
+                      f"{t['expires']}, renewed {t['renewals']} times"
+                      for t in self.tickets.status()]
+        lines += [f"  {t.client} -> {t.parent} {t.kind}: {t.result}"
+                  + (f" [{t.dialect}]" if t.dialect else "") for t in traces[-5:]]
         return "\n".join(lines)
 
 

@@ -148,7 +148,7 @@ class KerberosTickets:
         except gssapi.exceptions.GSSError as e:
             raise KerberosUnavailable(f"no ticket in {shown} ({_gss_reason(e)}); run kinit "
                                       f"or set ntlm_kerberos_keytab") from None
-        principal = str(info.name)
+        principal = str(gssapi.Name(info.name))
         lifetime = info.lifetime or 0
         if lifetime <= 0:
             raise KerberosUnavailable(f"the ticket for {principal} in {shown} has expired; run "
@@ -264,8 +264,7 @@ class KerberosHandshake:
         self._token: bytes | None = None
         try:
             self._ctx = spnego.client(spnego.KerberosCCache(ccache=ticket.ccache),
-                                      hostname=host, service=service, protocol="negotiate",
-                                      options=spnego.NegotiateOptions.use_gssapi)
+                                      hostname=host, service=service, protocol="negotiate")
         except Exception as e:
             raise KerberosUnavailable(f"cannot start Kerberos for {self.spn}: "
                                       f"{_spnego_reason(e)}") from None

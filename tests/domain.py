@@ -103,11 +103,19 @@ class SambaDC:
         self._tool("domain", "exportkeytab", str(self.proxy_keytab),
                    f"--principal=HTTP/{SERVICE_HOST}")
         self._grant_squid_access()
-        self._proc = subprocess.Popen(
-            ["samba", "--foreground", "--no-process-group", "-s", str(self.smb_conf)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        self._wait_ready(30)
+        for attempt in range(3):  # a just-stopped DC can hold an RPC endpoint for a moment
+            self._proc = subprocess.Popen(
+                ["samba", "--foreground", "--no-process-group", "-s", str(self.smb_conf)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+            try:
+                self._wait_ready(30)
+                return self
+            except RuntimeError:
+                self._kill()
+                if attempt == 2:
+                    raise
+                time.sleep(3)
         return self
 
     def _grant_squid_access(self) -> None:
@@ -174,17 +182,26 @@ class SambaDC:
     def export_keytab(self, user: str, path: Path) -> None:
         self._tool("domain", "exportkeytab", str(path), f"--principal={user}@{REALM}")
 
-    def stop(self) -> None:
-        if self._proc is not None:
+    def _kill(self) -> None:
+        """Stop samba and every process it forked (some leave its process group)."""
+        if self._proc is None:
+            return
+        family = _descendants(self._proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait(5)
-            self._proc = None
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(5)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._proc = None
+
+    def stop(self) -> None:
+        self._kill()
         if self.dir != Path() and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -217,6 +234,22 @@ def domain_squid(dc: SambaDC, schemes: tuple[str, ...] = ("negotiate", "ntlm")) 
                       "auth_param ntlm keep_alive on"]
     return Squid("custom", auth_lines=lines, environment=dc.env(),
                  extra_config="strip_query_terms off")
+
+
+def _descendants(root: int) -> list[int]:
+    """All processes below `root`, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _port_open(port: int) -> bool:

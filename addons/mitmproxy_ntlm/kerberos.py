@@ -117,7 +117,7 @@ class KerberosTickets:
         if multiuser:
             reasons.append("multi-user mode needs ntlm_kerberos_realm to get each user's tickets "
                            "with their password")
-        elif creds is not None and not s.realm:
+        elif creds is not None and creds.has_ntlm_secret and not s.realm:
             reasons.append("set ntlm_kerberos_realm to get tickets with the password")
         raise KerberosUnavailable("; ".join(reasons))
 

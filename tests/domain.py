@@ -147,7 +147,11 @@ class SambaDC:
                      f"--password={password}", f"--configfile={self.smb_conf}"],
                     capture_output=True, text=True, timeout=30)
                 if check.returncode == 0:
-                    return
+                    try:  # the KDC answers too
+                        self.kinit(name, password, self.dir / "ready-cc")
+                        return
+                    except RuntimeError:
+                        pass
             time.sleep(0.3)
         raise TimeoutError(f"the DC did not become ready: {self.log_tail()}")
 
@@ -175,9 +179,16 @@ class SambaDC:
     def kinit(self, user: str, password: str, ccache: Path, lifetime: str = "") -> None:
         """A ticket cache for `user`, as a user would fill it with kinit."""
         args = ["kinit", *(["-l", lifetime] if lifetime else []), f"{user}@{REALM}"]
-        subprocess.run(args, input=password + "\n", text=True, check=True, capture_output=True,
-                       env={**os.environ, **self.env(), "KRB5CCNAME": f"FILE:{ccache}"},
-                       timeout=30)
+        for attempt in range(3):  # the KDC's workers can be busy restarting for a moment
+            proc = subprocess.run(
+                args, input=password + "\n", text=True, capture_output=True, timeout=30,
+                env={**os.environ, **self.env(), "KRB5CCNAME": f"FILE:{ccache}"})
+            if proc.returncode == 0:
+                return
+            if "incorrect" in proc.stderr or attempt == 2:
+                break
+            time.sleep(1)
+        raise RuntimeError(f"kinit {user}: {proc.stderr.strip()}")
 
     def export_keytab(self, user: str, path: Path) -> None:
         self._tool("domain", "exportkeytab", str(path), f"--principal={user}@{REALM}")

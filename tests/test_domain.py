@@ -7,15 +7,18 @@ each attempt. The parent is addressed as `localhost`, the host of its principal 
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from mitmproxy.io import FlowReader
 
 from constants import TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
 from domain import REALM, SambaDC, domain_squid
-from mitm import curl
+from mitm import Mitmdump, curl
 
 pytestmark = pytest.mark.dc
 
@@ -114,6 +117,41 @@ def test_kerberos_from_a_ticket_cache(mitm, domain, domain_squid, origin, tls_or
                for line in domain_squid.access_log())
     assert m.wait_for(f"Kerberos for HTTP/localhost: ticket for {KERBEROS_PRINCIPAL} from "
                       f"ticket cache FILE:{ccache}")
+
+
+def test_kerberos_in_mitmweb_flows_and_legs_with_the_token_redacted(domain, domain_squid,
+                                                                     origin, tmp_path):
+    from test_trace import Web, _wait
+
+    from servers import _free_port
+
+    ccache = tmp_path / "krb5cc"
+    domain.kinit(TEST_USER, TEST_PASSWORD, ccache)
+    web_port = _free_port()
+    m = Mitmdump(parent_url(domain_squid), {
+        "ntlm_kerberos_ccache": f"FILE:{ccache}", "web_port": web_port, "ntlm_show_legs": True},
+        confdir=tmp_path, tool="mitmweb", env=env_for(domain, f"FILE:{ccache}"))
+    with m:
+        assert curl("-x", m.url, f"{origin.url}/hello?web").stdout == "hello"
+        web = Web(m, web_port)
+        flows = _wait(lambda: [f for f in web.flows() if f.get("comment")])
+        [real] = [f for f in flows if not f["comment"].startswith("Kerberos leg")]
+        [leg] = [f for f in flows if f["comment"].startswith("Kerberos leg")]
+        assert re.fullmatch(rf"Kerberos as {KERBEROS_PRINCIPAL} via localhost:\d+, 1 leg, \d+ ms",
+                            real["comment"])
+        dumped = web.dump()
+        story = next(f for f in FlowReader(io.BytesIO(dumped)).stream() if "ntlm" in f.metadata)
+        meta = story.metadata["ntlm"]
+        assert (meta["dialect"], meta["scheme"], meta["result"]) == \
+            ("Kerberos", "Negotiate", "authenticated")
+        assert meta["why"].startswith("Kerberos for HTTP/localhost: ticket for")
+        legs = [f for f in FlowReader(io.BytesIO(dumped)).stream() if "ntlm_leg" in f.metadata]
+        assert legs[0].request.headers["Proxy-Authorization"] == \
+            "Negotiate [Kerberos token redacted]"
+        assert leg["response"]["status_code"] == 200
+        # The AP-REQ is a credential: neither the log nor mitmweb shows it.
+        everything = m.output + str(web.flows()) + dumped.decode("latin-1")
+        assert not re.search(r"YII[A-Za-z0-9+/=]{40}", everything)
 
 
 def test_kerberos_from_a_keytab_renews_its_ticket(mitm, domain, domain_squid, origin, tmp_path):

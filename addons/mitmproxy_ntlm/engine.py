@@ -245,8 +245,13 @@ class AuthEngine:
             not self._req_framer.done or bool(self._replay)
         )
         self._probe = has_body and not self.connect_mode
-        leg = self._auth_head(wire.probe_head(self._req) if self._probe else self._req.raw, token)
-        self.trace.sent(leg)
+        head = wire.probe_head(self._req) if self._probe else self._req.raw
+        leg = self._auth_head(head, token)
+        if self._handshake.single_leg:  # a Kerberos AP-REQ is a credential: never shown
+            self.trace.sent(wire.set_header(head, self.target.auth_header,
+                                            f"{self.scheme} [Kerberos token redacted]"))
+        else:
+            self.trace.sent(leg)
         return [ToParent(leg), StartTimer(self.generation)]
 
     def _kerberos_logon_rejected(self, reason: str) -> list[Action]:

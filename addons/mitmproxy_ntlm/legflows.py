@@ -22,10 +22,12 @@ def _lines(head: bytes) -> list[bytes]:
 
 def _token(header_value: str) -> dict[str, Any] | None:
     scheme, _, token = header_value.partition(" ")
-    if scheme.lower() != "ntlm" or not token:
+    if scheme.lower() not in ("ntlm", "negotiate") or not token:
         return None
     if token.startswith("[Type 3 redacted"):
         return {"type": 3, "responses": "redacted"}
+    if token.startswith("[Kerberos token redacted"):
+        return {"type": "Kerberos AP-REQ", "token": "redacted"}
     return messages.describe_b64(token)
 
 
@@ -52,7 +54,9 @@ def leg_flows(trace: HandshakeTrace, client: Any, server: Any) -> list[http.HTTP
                     leg["received"] = received
         flow.metadata["ntlm_leg"] = leg
         kinds = [f"Type {d['type']}" for d in (leg.get("sent"), leg.get("received")) if d]
-        flow.comment = f"NTLM leg {number} to {trace.parent}: {' / '.join(kinds) or 'no token'}"
+        mechanism = "Kerberos" if trace.dialect == "Kerberos" else "NTLM"
+        flow.comment = (f"{mechanism} leg {number} to {trace.parent}: "
+                        f"{' / '.join(kinds) or 'no token'}")
         flow.live = False
         flows.append(flow)
     return flows

@@ -114,8 +114,9 @@ class HandshakeTrace:
     def comment(self) -> str:
         """One line for mitmweb's comment field."""
         if self.result == "authenticated":
+            legs = "1 leg" if self.legs == 1 else f"{self.legs} legs"
             return (f"{self.dialect or 'NTLM'} as {self.principal} via {self.parent}, "
-                    f"{self.legs} legs, {self.elapsed_ms:.0f} ms")
+                    f"{legs}, {self.elapsed_ms:.0f} ms")
         if self.result == "no auth needed":
             return f"parent {self.parent} needed no authentication"
         if self.result == "rejected":

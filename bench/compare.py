@@ -497,8 +497,9 @@ def ensure_px(install: bool) -> Path:
         raise FileNotFoundError(f"{px} missing (run without --no-install-px to install it)")
     subprocess.run([sys.executable, "-m", "venv", str(PX_VENV)], check=True, timeout=120)
     r = subprocess.run(
-        [str(PX_VENV / "bin" / "pip"), "install", "-q", "px-proxy"],
-        capture_output=True, text=True, timeout=600,
+        [str(PX_VENV / "bin" / "pip"), "install", "-q", "--retries", "1", "--timeout", "20",
+         "px-proxy"],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if r.returncode != 0 or not px.exists():
         shutil.rmtree(PX_VENV, ignore_errors=True)

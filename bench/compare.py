@@ -103,6 +103,7 @@ class Config:
     children: int = 32  # Squid NTLM helpers
     profile: bool = False
     install_px: bool = True
+    report: Path | None = None  # re-render an earlier compare.json instead of measuring
 
 
 @dataclasses.dataclass
@@ -875,11 +876,9 @@ def measure(running: Running, st: Stack, cfg: Config, name: str, workload: str, 
     cell = Cell(name, workload, run, rps=load.rps, p50_ms=load.p50_ms, p99_ms=load.p99_ms,
                 rss_mb=rss_mb, cpu_s=cpu_s, errors=load.errors, requests=load.requests,
                 client_conns=load.client_conns, handshakes=hs)  # fmt: skip
-    if workload in TRANSFERS:
+    if workload in TRANSFERS:  # MB/s for transfers, req/s for the rest (100-byte bodies)
         cell.rps = None
         cell.mbps = load.mbps
-    elif load.seconds and load.requests:
-        cell.mbps = load.requests * len(SMALL_BODY) / load.seconds / 1e6
     if load.client_conns:
         cell.hs_per_100 = 100 * hs / load.client_conns
     return cell
@@ -1179,6 +1178,12 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--squid-children", type=int, default=32, help="NTLM helpers (default 32)")
     p.add_argument("--profile", action="store_true", help="then an extra cProfile'd addon pass")
     p.add_argument("--no-install-px", action="store_true", help="skip px unless installed")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="COMPARE_JSON",
+        help="measure nothing: redo table and plot from an earlier compare.json into --out",
+    )
     a = p.parse_args(argv)
     only = [x.strip() for item in a.only for x in item.split(",") if x.strip()]
     all_workloads = WORKLOADS + EXTRA_WORKLOADS
@@ -1202,7 +1207,27 @@ def parse_args(argv: list[str] | None) -> Config:
         children=a.squid_children,
         profile=a.profile,
         install_px=not a.no_install_px,
+        report=a.report,
     )
+
+
+def report_again(cfg: Config) -> int:
+    """Table and plot from an earlier run's raw numbers (e.g. after changing the report)."""
+    raw = json.loads(cfg.report.read_text()) if cfg.report else {}
+    names = {f.name for f in dataclasses.fields(Cell)}
+    cells = [Cell(**{k: v for k, v in c.items() if k in names}) for c in raw["cells"]]
+    for c in cells:  # older files gave small-GET workloads a (meaningless) MB/s
+        if c.workload not in TRANSFERS:
+            c.mbps = None
+    old = raw.get("config", {})
+    cfg.duration, cfg.size = old.get("duration", cfg.duration), old.get("size", cfg.size)
+    cfg.addon_sets = tuple(old.get("addon_sets", ()))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(cells, raw.get("skipped", {}), cfg, raw["meta"])
+    (cfg.out / "compare.md").write_text(table)
+    plot(cells, cfg.out / "compare.png")
+    print(table)
+    return 0
 
 
 def raise_fd_limit() -> None:
@@ -1218,6 +1243,8 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, write compare.md / compare.json / compare.png into --out."""
     cfg = parse_args(argv)
+    if cfg.report is not None:
+        return report_again(cfg)
     tools = ("nginx", "squid", "curl", "wrk", "hey", "openssl")
     missing = [t for t in tools if not shutil.which(t)]
     if missing:

@@ -805,8 +805,10 @@ def run_transfer(running: Running, st: Stack, workload: str, size: int) -> Load:
     if tls:
         cmd.append("--proxytunnel")  # plain http through CONNECT too, as a passthrough would see
     if workload.startswith("upload"):
-        cmd += ["-T", str(st.nginx.dir / "www" / "big"), "-w", "%{http_code} %{time_total} "
-                "%{size_upload}", st.nginx.url("/upload", tls=tls)]
+        # No "Expect: 100-continue": curl would wait up to 1 s for a 100 (a constant, not
+        # throughput), and cntlm relays the 100 late and then drops the connection.
+        cmd += ["-H", "Expect:", "-T", str(st.nginx.dir / "www" / "big"),
+                "-w", "%{http_code} %{time_total} %{size_upload}", st.nginx.url("/upload", tls=tls)]
     else:
         cmd += ["-w", "%{http_code} %{time_total} %{size_download}", st.nginx.url("/big", tls=tls)]
     t0 = time.monotonic()

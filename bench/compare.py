@@ -104,6 +104,7 @@ class Config:
     profile: bool = False
     install_px: bool = True
     report: Path | None = None  # re-render an earlier compare.json instead of measuring
+    transfer_limit: float = 180.0  # seconds a single transfer may take
 
 
 @dataclasses.dataclass
@@ -301,7 +302,7 @@ class Nginx:
                 return self
             except (RuntimeError, TimeoutError):
                 stop_proc(self.proc)
-        raise RuntimeError(f"nginx did not start: {(d / 'error.log').read_text()[-1000:]}")
+        raise RuntimeError(f"nginx did not start: {tail(d / 'error.log')} {tail(d / 'out.log')}")
 
     def _config(self) -> str:
         """One process, no access log, big keep-alive limits; /upload reads and drops bodies.
@@ -363,6 +364,7 @@ http {{
         self.proc = None
         if self._spill is not None and self._spill != self.dir:
             shutil.rmtree(self._spill, ignore_errors=True)
+        self._spill = None
 
     def url(self, path: str, tls: bool = False) -> str:
         """Origin URL of ``path``, plain or https."""
@@ -383,6 +385,20 @@ class Stack:
     def handshakes(self) -> int:
         """NTLM handshakes the NTLM parent answered so far (its TCP_DENIED/407 lines)."""
         return sum("TCP_DENIED/407" in line for line in self.squid_ntlm.access_log())
+
+    def heal(self, log: Callable[[str], None]) -> None:
+        """Restart a server that died (on a shared machine someone may kill every squid)."""
+        for squid in (self.squid_ntlm, self.squid_open):
+            proc = squid._proc  # servers.Squid keeps its process private; only liveness is read
+            if proc is None or proc.poll() is not None:
+                log(f"squid {squid.url} ({squid.mode}) is gone: starting a new one")
+                squid.stop()
+                squid.start()
+        if self.nginx.proc is None or self.nginx.proc.poll() is not None:
+            log("nginx is gone: starting a new one")
+            self.nginx.stop()
+            shutil.rmtree(self.nginx.dir, ignore_errors=True)
+            self.nginx.start()
 
 
 @contextlib.contextmanager
@@ -797,11 +813,15 @@ def run_curl_loop(
     return load
 
 
-def run_transfer(running: Running, st: Stack, workload: str, size: int) -> Load:
-    """One curl download of /big or PUT upload to /upload of ``size`` bytes; MB/s as curl saw."""
+def run_transfer(running: Running, st: Stack, workload: str, size: int, limit: float) -> Load:
+    """One curl download of /big or PUT upload to /upload of ``size`` bytes, at most ``limit`` s.
+
+    MB/s is bytes moved / curl's total time, also for a transfer that failed or hit the limit
+    (then it is counted as an error too): a proxy that needs ten minutes still gets a number.
+    """
     tls = workload.endswith("connect")
     cmd = ["curl", "-sS", "-k", "-x", running.proxy, *running.curl_auth, "-o", "/dev/null",
-           "--max-time", "600"]  # fmt: skip
+           "--max-time", f"{limit:g}"]  # fmt: skip
     if tls:
         cmd.append("--proxytunnel")  # plain http through CONNECT too, as a passthrough would see
     if workload.startswith("upload"):
@@ -812,20 +832,21 @@ def run_transfer(running: Running, st: Stack, workload: str, size: int) -> Load:
     else:
         cmd += ["-w", "%{http_code} %{time_total} %{size_download}", st.nginx.url("/big", tls=tls)]
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=client_env(), timeout=700)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=client_env(), timeout=limit + 60)
     elapsed = time.monotonic() - t0
     parts = r.stdout.split()
     load = Load(seconds=elapsed, client_conns=1)
     # curl's own speed_upload is unreliable (early 100/200 answers); bytes / total time is not.
     # The upload's size counts every 407 leg's resend too, so it must be at least ``size``.
-    ok = len(parts) == 3 and parts[0] == "200" and int(parts[2]) >= size
-    if ok:
-        seconds = float(parts[1])
-        load.requests, load.mbps = 1, size / max(seconds, 1e-9) / 1e6
-        load.p50_ms = load.p99_ms = seconds * 1000
+    if len(parts) != 3:
+        raise RuntimeError(f"curl: {r.stderr.strip()[-200:]}")
+    seconds, moved = float(parts[1]), min(int(parts[2]), size)
+    load.mbps = moved / max(seconds, 1e-9) / 1e6
+    load.p50_ms = load.p99_ms = seconds * 1000
+    if parts[0] == "200" and int(parts[2]) >= size:
+        load.requests = 1
     else:
         load.errors = 1
-        load.mbps = 0.0
     return load
 
 
@@ -838,7 +859,7 @@ def run_workload(running: Running, st: Stack, cfg: Config, workload: str) -> Loa
     small, small_tls = st.nginx.url("/small"), st.nginx.url("/small", tls=True)
     d, c = cfg.duration, cfg.connections
     if workload in TRANSFERS:
-        return run_transfer(running, st, workload, cfg.size)
+        return run_transfer(running, st, workload, cfg.size, cfg.transfer_limit)
     if running.ntlm_client:  # only curl speaks NTLM to the parent itself
         if workload in ("newconn-http", "close-http"):
             raise NotApplicable(
@@ -872,6 +893,8 @@ def measure(running: Running, st: Stack, cfg: Config, name: str, workload: str, 
             load = run_workload(running, st, cfg, workload)
         except NotApplicable as e:
             return Cell(name, workload, run, skipped=str(e))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # one cell, not the run
+            return Cell(name, workload, run, skipped=f"failed: {e}"[:300])
         rss_mb, cpu_s = sampler.result()
     time.sleep(0.3)  # squid writes a log line when a transaction ends
     hs = st.handshakes() - hs0
@@ -904,6 +927,7 @@ def run_all(
             for name in cfg.contenders:
                 if name in skipped:
                     continue
+                st.heal(log)
                 try:
                     running = start_contender(st, cfg, name, None)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -1176,6 +1200,9 @@ def parse_args(argv: list[str] | None) -> Config:
         metavar="OPTION=VALUE",
         help="extra --set for the addon contenders (repeatable), e.g. ntlm_pool=true",
     )
+    p.add_argument(
+        "--transfer-limit", type=float, help="max seconds per transfer (default 180, quick 30)"
+    )
     p.add_argument("--connections", type=int, default=10, help="client connections (default 10)")
     p.add_argument("--squid-children", type=int, default=32, help="NTLM helpers (default 32)")
     p.add_argument("--profile", action="store_true", help="then an extra cProfile'd addon pass")
@@ -1210,6 +1237,7 @@ def parse_args(argv: list[str] | None) -> Config:
         profile=a.profile,
         install_px=not a.no_install_px,
         report=a.report,
+        transfer_limit=a.transfer_limit or (30.0 if a.quick else 180.0),
     )
 
 

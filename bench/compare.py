@@ -944,8 +944,9 @@ def run_all(
                 finally:
                     running.stop()
                 if errors and running.log is not None and name not in samples:
-                    lines = [x for x in tail(running.log, 4000).splitlines() if x.strip()]
-                    samples[name] = lines[-1][-240:] if lines else ""
+                    lines = tail(running.log, 20000).splitlines()
+                    hits = [x for x in lines if re.search(r"error|fail|refus|denied", x, re.I)]
+                    samples[name] = hits[-1][-240:] if hits else ""
         if cfg.profile and "addon" not in skipped:
             profile_addon(st, cfg, log)
     return cells, skipped, samples
@@ -1105,8 +1106,9 @@ def error_notes(cells: list[Cell], samples: dict[str, str]) -> list[str]:
     for c in failed:
         sample = samples.get(c.contender, "")
         out.append(
-            f"- errors: {c.contender} / {c.workload} (run {c.run + 1}): {c.errors:.0f} failed of "
-            f"{c.requests + c.errors:.0f}" + (f"; its log: {sample}" if sample else "")
+            f"- errors: {c.contender} / {c.workload} (run {c.run + 1}): {c.errors:.0f} errors "
+            f"(failed requests, or wrk socket errors such as closed connections), "
+            f"{c.requests} answered" + (f"; its log: {sample}" if sample else "")
         )
     return out
 
@@ -1153,6 +1155,26 @@ def write_profile(prof: Path, out: Path, top: int = 30) -> None:
         return
     buf = io.StringIO()
     stats = pstats.Stats(str(prof), stream=buf)
+    groups: dict[str, float] = {}
+    for (filename, _line, func), row in stats.stats.items():  # type: ignore[attr-defined]
+        if "mitmproxy_ntlm" in filename or filename.endswith("ntlm.py"):
+            group = "this addon (mitmproxy_ntlm)"
+        elif "spnego" in filename:
+            group = "pyspnego"
+        elif f"{os.sep}mitmproxy{os.sep}" in filename:
+            group = "mitmproxy"
+        elif "epoll" in func or "select" in func:
+            group = "waiting in epoll"
+        elif "socket" in func:
+            group = "socket send/recv"
+        else:
+            group = "stdlib, imports, other"
+        groups[group] = groups.get(group, 0.0) + row[2]
+    total = sum(groups.values()) or 1.0
+    buf.write("Own time by component (main thread, startup included):\n")
+    for group, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+        buf.write(f"  {group:<30}{t:8.2f} s {100 * t / total:5.1f}%\n")
+    buf.write("\n")
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     out.write_text(buf.getvalue())

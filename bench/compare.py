@@ -17,9 +17,10 @@ venv, non-Windows mode), ``curl-ntlm`` (curl speaking NTLM to the NTLM Squid its
 ``squid-direct`` (load generators straight at the no-auth Squid: the physical limit).
 
 Workloads: ``keepalive`` (wrk, absolute-form small GETs on kept-alive connections),
-``newconn-http`` / ``newconn-connect`` (hey, one new client connection per request, plain and
-https via CONNECT), ``c200`` (hey, 200 concurrent keep-alive clients), ``download`` /
-``download-connect`` / ``upload`` / ``upload-connect`` (curl, one ``--size`` transfer).
+``newconn-http`` / ``newconn-connect`` (Python workers, one new client connection per request,
+plain and https via CONNECT), ``c200`` (hey, 200 concurrent keep-alive clients), ``download`` /
+``download-connect`` / ``upload`` / ``upload-connect`` (curl, one ``--size`` transfer), and only
+on request ``close-http`` (hey ``-disable-keepalive``: every request says ``Connection: close``).
 
 Numbers are machine-relative: read the ratios to the same run's cntlm and stock-mitmdump rows.
 """

@@ -1,0 +1,78 @@
+"""bench/compare.py runs end to end in its quickest mode and reports every installed contender.
+
+No timing assertions: the numbers are machine-relative. What is checked could fail: the stack
+starts, each contender either has measured rows or a stated reason for being skipped, the
+addon row counted NTLM handshakes at the parent and got answers, and the three outputs exist.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPARE = ROOT / "bench" / "compare.py"
+TOOLS = ("nginx", "squid", "wrk", "hey", "curl", "openssl")
+WORKLOADS = ("keepalive", "download")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One quick run of every contender on two workloads (about 30 s, px install aside)."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(COMPARE), "--quick", "--duration", "1", "--size", "1M",
+         "--connections", "4", "--only", ",".join(WORKLOADS), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_outputs_exist(bench_run: tuple[Path, dict]) -> None:
+    out, _raw = bench_run
+    assert (out / "compare.md").read_text().startswith("Benchmark:")
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_contender_measured_or_skipped_with_reason(bench_run: tuple[Path, dict]) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from compare import CONTENDERS
+
+    out, raw = bench_run
+    table = (out / "compare.md").read_text()
+    measured = {(c["contender"], c["workload"]) for c in raw["cells"]}
+    for name in CONTENDERS:
+        if name in raw["skipped"]:
+            assert raw["skipped"][name], f"{name} skipped without a reason"
+            assert f"| {name} | skipped: " in table
+            continue
+        for workload in WORKLOADS:
+            assert (name, workload) in measured, f"no {workload} row for {name}"
+            assert f"| {workload} | {name} |" in table
+    # These need only what the benchmark itself requires (and cntlm when it is installed).
+    always = {"addon", "addon-pass", "mitmdump", "curl-ntlm", "squid-direct"}
+    if shutil.which("cntlm") or Path("/usr/sbin/cntlm").exists():
+        always.add("cntlm")
+    assert not always & set(raw["skipped"]), raw["skipped"]
+
+
+def test_addon_row_counts_handshakes_and_answers(bench_run: tuple[Path, dict]) -> None:
+    _out, raw = bench_run
+    cells = {(c["contender"], c["workload"]): c for c in raw["cells"]}
+    keepalive = cells["addon", "keepalive"]
+    assert keepalive["requests"] > 0 and keepalive["rps"] > 0
+    assert keepalive["handshakes"] > 0 and keepalive["hs_per_100"] > 0
+    assert keepalive["rss_mb"] > 0 and keepalive["cpu_s"] > 0
+    download = cells["addon", "download"]
+    assert download["requests"] == 1 and download["mbps"] > 0
+    # The stock mitmdump goes to the parent without auth: no handshakes counted for it.
+    assert cells["mitmdump", "keepalive"]["handshakes"] == 0

@@ -27,7 +27,7 @@ class HandshakeTrace:
     principal: str = ""
     dialect: str = ""
     legs: int = 0  # NTLM messages exchanged: Type 1, 2, 3
-    result: str = "pending"  # authenticated | rejected | no auth needed | failed: ...
+    result: str = "pending"  # authenticated | reused | rejected | no auth needed | failed: ...
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -36,6 +36,7 @@ class HandshakeTrace:
     exchanges: list[list[bytes | None]] = field(default_factory=list)
     emitted: bool = False
     key: str = ""  # id of the mitmproxy connection the flows use (flow.server_conn.id)
+    authenticated_at: float | None = None  # wall clock; set for a reused pooled connection
 
     def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
         now = time.monotonic()
@@ -80,6 +81,19 @@ class HandshakeTrace:
         self.dialect = str(summary.get("dialect", ""))
         self._stage("Type 3 sent", summary, logging.DEBUG)
 
+    def reused_pooled(self, authenticated_at: float, uses: int) -> None:
+        """No handshake: the connection came from the pool, authenticated earlier."""
+        self.authenticated_at = authenticated_at
+        self.result = "reused"
+        self._stage("reused pooled connection",
+                    {"user": self.principal or "-", "authenticated_at": self._when(),
+                     "client_connections": uses}, logging.DEBUG)
+
+    def _when(self) -> str:
+        if self.authenticated_at is None:
+            return ""
+        return time.strftime("%H:%M:%S", time.localtime(self.authenticated_at))
+
     def finish(self, result: str, level: int = logging.INFO) -> None:
         self.result = result
         self._stage("result", {"result": result, "user": self.principal or "-",
@@ -91,13 +105,16 @@ class HandshakeTrace:
 
     @property
     def ok(self) -> bool:
-        return self.result in ("authenticated", "no auth needed")
+        return self.result in ("authenticated", "reused", "no auth needed")
 
     def comment(self) -> str:
         """One line for mitmweb's comment field."""
         if self.result == "authenticated":
             return (f"{self.dialect or 'NTLM'} as {self.principal} via {self.parent}, "
                     f"{self.legs} legs, {self.elapsed_ms:.0f} ms")
+        if self.result == "reused":
+            return (f"reused pooled connection to {self.parent}, authenticated as "
+                    f"{self.principal} at {self._when()} (no new handshake)")
         if self.result == "no auth needed":
             return f"parent {self.parent} needed no authentication"
         if self.result == "rejected":
@@ -113,4 +130,6 @@ class HandshakeTrace:
             "legs": self.legs,
             "ms": round(self.elapsed_ms, 1),
             "stages": self.stages,
+            **({"pooled": True, "authenticated_at": self.authenticated_at}
+               if self.result == "reused" else {}),
         }

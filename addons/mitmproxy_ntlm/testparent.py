@@ -53,6 +53,9 @@ FAULTS: frozenset[str] = frozenset(
         "close_407",
         "close_rechallenge",
         "http10_407",
+        # a connection that already served a request is closed when the next one arrives,
+        # unanswered: the race of a parent dropping an idle connection just as it is reused
+        "drop_reused",
         # faults in the answer to a Type 1 (see _send_faulty_challenge)
         "close_mid_body",
         "close_after_type2",
@@ -610,6 +613,9 @@ class ParentProxy:
                 finally:
                     self._waiting.discard(writer)
                 if head is None:
+                    break
+                if self.fault == "drop_reused" and st.forwarded_total:
+                    logger.debug("conn %d: fault drop_reused: closing unanswered", conn_id)
                     break
                 try:
                     keep = await self._handle_request(st, head, reader, writer)

@@ -153,6 +153,17 @@ def test_connect_rides_a_pooled_connection(mitm, parent, origin, tls_origin):
     assert parent.snapshot().type1_count == 2
 
 
+def test_connect_on_a_pooled_connection_the_parent_dropped(mitm, make_parent, origin,
+                                                           tls_origin):
+    racy = make_parent(fault="drop_reused")
+    m = mitm(racy.url, {**CREDS, "ssl_verify_upstream_trusted_ca": str(tls_origin.cert_path)},
+             env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    assert get(m, f"{tls_origin.url}/hello", "--cacert", str(m.ca_cert)) == "hello"
+    stats = racy.snapshot()
+    assert stats.type1_count == 2 and [r.method for r in stats.requests] == ["GET", "CONNECT"]
+
+
 def test_squid_accepts_reused_connections(mitm, squid_ntlm, origin):
     before = sum("TCP_DENIED/407" in line for line in squid_ntlm.access_log())
     m = mitm(squid_ntlm.url, CREDS, env=ENV)

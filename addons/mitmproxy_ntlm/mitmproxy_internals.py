@@ -150,7 +150,10 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         return type(self).pool is not None and (via is None or via[0] == "http")
 
     def _may_return_to_pool(self) -> bool:
-        return self._pool_scheme_ok() and self._absolute_form() and not self._direct
+        """Plain http through an http parent. Not with automatic logon to the origin: the
+        parent pins the origin's authenticated connection to this one (as Squid does)."""
+        return (self._pool_scheme_ok() and self._absolute_form() and not self._direct
+                and not isinstance(self.child_layer, OriginAuthLayer))
 
     def _checkout(self) -> PooledConnection | None:
         """An idle connection to this parent authenticated as this client's identity."""
@@ -486,6 +489,10 @@ class _PoolableWriter:
         self._conn = conn
         self._releaser: NtlmUpstreamProxy | None = releaser
         self._eof_sent = False
+        # the hot calls go straight to the writer (no __getattr__ on every send)
+        self.write = writer.write
+        self.is_closing = writer.is_closing
+        self.drain = writer.drain
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from soak import QuietMitmdump  # noqa: E402
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER  # noqa: E402
 from mitm import Mitmdump, curl  # noqa: E402
@@ -29,10 +32,10 @@ from mitmproxy_ntlm.testparent import ParentProxy  # noqa: E402
 from servers import Origin  # noqa: E402
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
-QUIET = {"termlog_verbosity": "warn", "flow_detail": 0}
+QUIET = {"flow_detail": 0}  # and termlog_verbosity=warn (QuietMitmdump)
 
 
-class StockMitmdump(Mitmdump):
+class StockMitmdump(QuietMitmdump):
     """mitmdump without the addon."""
 
     def command(self) -> list[str]:
@@ -45,7 +48,7 @@ def start(parent: ParentProxy, confdir: Path, pool: bool | None) -> Mitmdump:
     if pool is None:
         return StockMitmdump(parent.url, dict(QUIET), confdir=confdir).start()
     opts = {**CREDS, **QUIET, "ntlm_pool": pool}
-    return Mitmdump(parent.url, opts, confdir=confdir, env={"PW": TEST_PASSWORD}).start()
+    return QuietMitmdump(parent.url, opts, confdir=confdir, env={"PW": TEST_PASSWORD}).start()
 
 
 def handshakes(origin: Origin, parent: ParentProxy, confdir: Path, n: int, pool: bool) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 
+import pytest
 from mitmproxy.io import FlowReader
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
@@ -55,6 +56,17 @@ def test_pool_off_is_the_old_behaviour(mitm, parent, origin):
     stats = parent.snapshot()
     assert stats.type1_count == 5 and stats.connections == 5
     assert "pooled" not in m.output
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_clients_that_ask_to_close(mitm, parent, origin, pool):
+    # Connection: close and HTTP/1.0 are meant for mitmproxy; the parent must keep the
+    # connection for the NTLM legs (it used to close after its 407), and then it can be pooled.
+    m = mitm(parent.url, {**CREDS, "ntlm_pool": pool}, env=ENV)
+    for args in (["-H", "Connection: close"], ["-0"], ["-H", "Proxy-Connection: close"]):
+        assert get(m, f"{origin.url}/hello", *args) == "hello"
+    stats = parent.snapshot()
+    assert stats.type1_count == (1 if pool else 3) and len(stats.requests) == 3
 
 
 def test_users_never_share_a_pooled_connection(mitm, make_parent, origin):

@@ -374,7 +374,7 @@ class AuthEngine:
                         break
                     head = wire.parse_request_head(raw)
                     if self.target is PARENT:
-                        head = wire.absolute_form(head)
+                        head = wire.persistent(wire.absolute_form(head))
                     framer = wire.request_framer(head)
                 except wire.WireError as e:
                     out += self._fail(f"mitmproxy-ntlm could not read the request: {e}")

@@ -43,6 +43,8 @@ class HandshakeTrace:
         entry = {"stage": name, "ms": round((now - self._last) * 1000, 1), **details}
         self._last = now
         self.stages.append(entry)
+        if not log.isEnabledFor(level):
+            return  # formatting is the costly part; the stage is kept for the flow anyway
         text = messages.one_line(details) if details else ""
         log.log(
             level,

@@ -191,7 +191,9 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             opening = _Opening(releaser, entry, type(self).pool)
             _OPENING[conn] = opening
         err = yield commands.OpenConnection(conn)
-        _OPENING.pop(conn, None)
+        unused = _OPENING.pop(conn, None)
+        if unused is not None and unused.entry is not None:  # never reached open_connection
+            unused.entry.writer.close()
         if opening is not None and opening.adopted and not err:
             self._adopted = entry
         return err

@@ -94,6 +94,17 @@ def test_users_never_share_a_pooled_connection(mitm, make_parent, origin):
     assert not any(rec.target.endswith("mallory") for rec in two.requests)
 
 
+def test_pool_max_closes_the_oldest(mitm, make_parent, origin):
+    two = make_parent(users=USERS)
+    m = mitm(two.url, {**MULTI, "ntlm_pool_max": 1})
+    alice, bob = ("alice:Alice-Pass-1",), ("bob:Bob-Pass-2",)
+    for who in (alice, bob, bob, alice):
+        assert get(m, f"{origin.url}/hello", "--proxy-user", *who) == "hello"
+    # bob's connection pushed alice's out; bob reused his; alice needed a new logon
+    assert two.snapshot().type3_count == 3
+    assert m.wait_for("pool full")
+
+
 def test_connection_closed_by_the_parent_while_pooled(mitm, parent, origin):
     m = mitm(parent.url, CREDS, env=ENV)
     assert get(m, f"{origin.url}/hello") == "hello"

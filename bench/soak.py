@@ -305,6 +305,9 @@ class Rig:
             "ntlm_domain": DOMAIN,
             "ssl_verify_upstream_trusted_ca": str(self.tls_origin.cert_path),
             "flow_detail": 0,  # no line per flow: the output stays small, as with warn
+            # Pooled parent connections close after 3 s idle, so the fd check after the
+            # clients left also shows that the pool gives its sockets back.
+            "ntlm_pool_idle": 3,
         }
         env: dict[str, str] = {}
         if self.config.users == 1:

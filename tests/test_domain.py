@@ -129,9 +129,8 @@ def test_kerberos_from_a_ticket_cache(mitm, domain, domain_squid, origin, tls_or
 
 def test_kerberos_in_mitmweb_flows_and_legs_with_the_token_redacted(domain, domain_squid,
                                                                      origin, tmp_path):
-    from test_trace import Web, _wait
-
     from servers import _free_port
+    from test_trace import Web, _wait
 
     ccache = tmp_path / "krb5cc"
     domain.kinit(TEST_USER, TEST_PASSWORD, ccache)

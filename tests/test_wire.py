@@ -70,3 +70,16 @@ def test_message_summaries_name_fields_but_never_responses() -> None:
     assert summary["type"] == 1 and "ntlm" in summary["flags"]
     assert messages.describe(b"garbage") == {"error": "not an NTLMSSP message"}
     assert messages.describe_b64("NTLM !!!") == {"error": "not valid base64"}
+
+
+def test_persistent_keeps_the_parent_connection_for_ntlm() -> None:
+    def persistent(raw: bytes) -> bytes:
+        return wire.persistent(wire.parse_request_head(raw)).raw
+
+    plain = b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert persistent(plain) == plain  # nothing to change: same bytes
+    assert persistent(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: close, TE\r\n"
+                      b"TE: trailers\r\nProxy-Connection: close\r\n\r\n") == (
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: keep-alive, te\r\n\r\n")
+    assert persistent(b"GET http://a/ HTTP/1.0\r\nHost: a\r\n\r\n").endswith(
+        b"\r\nConnection: keep-alive\r\n\r\n")

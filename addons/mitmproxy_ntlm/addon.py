@@ -30,6 +30,7 @@ from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
 from .legflows import leg_flows
 from .multiuser import ClientLogins
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy, bounded_set
+from .pool import ParentPool
 from .schemes import SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
 
@@ -61,6 +62,7 @@ CREDENTIAL_OPTIONS = (
     "ntlm_kerberos_lifetime",
     "proxyauth",
 )
+POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max")
 
 
 class NtlmUpstreamAuth:
@@ -138,11 +140,24 @@ class NtlmUpstreamAuth:
                           "Lifetime in seconds to ask for tickets obtained with a keytab or "
                           "password (0: the KDC's default); they are renewed 5 minutes before "
                           "they expire.")
+        loader.add_option("ntlm_pool", bool, True,
+                          "Keep idle authenticated plain-http parent connections in a pool shared "
+                          "by all client connections, per parent and per user (never across "
+                          "users), so a new client connection needs no new NTLM handshake (no new "
+                          "logon at the domain controller). Also carries CONNECTs where the parent "
+                          "allows it. https:// parents are not pooled.")
+        loader.add_option("ntlm_pool_idle", int, 30,
+                          "Seconds an idle pooled parent connection is kept; keep it below the "
+                          "parent's own idle timeout (Squid: 120 s).")
+        loader.add_option("ntlm_pool_max", int, 32,
+                          "Most idle pooled parent connections kept in all (oldest closed first).")
         loader.add_option("ntlm_show_legs", bool, False,
                           "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
                           "own in mitmweb and the console; Type 3 responses are redacted.")
 
     def configure(self, updated: set[str]) -> None:
+        if updated & set(POOL_OPTIONS) and not updated & set(CREDENTIAL_OPTIONS):
+            self._configure_pool()
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
             return
         opts = ctx.options
@@ -291,6 +306,18 @@ class NtlmUpstreamAuth:
             on_finished=self._handshake_finished,
         )
         mitmproxy_internals.install(self.policy)
+        self._configure_pool()
+
+    def _configure_pool(self) -> None:
+        """(Re)build the connection pool: a new policy or pool option drops pooled connections."""
+        opts = ctx.options
+        if opts.ntlm_pool_idle < 0 or opts.ntlm_pool_max < 0:
+            raise exceptions.OptionsError("ntlm_pool_idle and ntlm_pool_max must be 0 or more")
+        if self.policy is None or not opts.ntlm_pool or not opts.ntlm_pool_idle \
+                or not opts.ntlm_pool_max:
+            mitmproxy_internals.set_pool(None)
+            return
+        mitmproxy_internals.set_pool(ParentPool(float(opts.ntlm_pool_idle), opts.ntlm_pool_max))
 
     def running(self) -> None:
         if self.policy is None:
@@ -444,6 +471,14 @@ class NtlmUpstreamAuth:
             f"mode: {mode}",
             "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items())) or "none"),
         ]
+        pool = mitmproxy_internals.NtlmUpstreamProxy.pool
+        if pool is None:
+            lines.append("pool: off")
+        else:
+            st = pool.stats
+            lines.append(f"pool: {len(pool)} idle (max {pool.max_idle}, {pool.idle_timeout:g} s); "
+                         f"{st.reused} reused, {st.released} returned, {st.expired} expired, "
+                         f"{st.dead} closed by the parent, {st.evicted} evicted")
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "

@@ -18,6 +18,14 @@ Kerberos (chosen per exchange by `schemes.SchemeChooser`) has a single leg: the 
 HEAD probe) carries `Negotiate <AP-REQ>` and any answer but a 407 means authenticated. A 407
 to it falls back to NTLM on the same connection when the chooser allows.
 
+Connection pool: a connection taken from the pool starts AUTHENTICATED (`adopt`), so its
+requests (or its CONNECT) go without legs; a 407 there restarts the legs as a re-challenge does.
+With `track_reuse` the engine also frames the responses it passes on, so `reusable()` can tell
+when the connection is idle (request sent in full, response received in full, keep-alive) and
+may go back to the pool. A pooled connection that closes before answering its first request
+was dropped by the parent while idle: it is replaced and the request replayed
+(`pooled_connection_lost`) instead of failing the client.
+
 The same legs answer an intranet server's 401 (`Target` ORIGIN: Authorization and
 WWW-Authenticate headers, NTLM or Negotiate); there a rejection passes the server's own 401 on.
 """
@@ -25,6 +33,7 @@ WWW-Authenticate headers, NTLM or Negotiate); there a rejection passes the serve
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -166,6 +175,94 @@ class AuthEngine:
         self._reconnects = 0
         self._scheme_switches = 0  # per request: Kerberos -> NTLM, NTLM -> Negotiate
 
+        # Connection pool (see the module docstring).
+        self.track_reuse = False
+        self.authenticated_at: float | None = None  # wall clock
+        self.reused = False  # this connection came from the pool
+        self._answered = False  # the parent sent something since the connection was adopted
+        self._reusable = True  # nothing seen that rules out keeping the connection
+        self._resp_framer: wire.BodyFramer | None = None
+        self._uses = 1
+
+    # ---------------------------------------------------------------- pool
+
+    def adopt(self, creds: Credentials, authenticated_at: float, uses: int,
+              connect: bool = False) -> None:
+        """Start on a pooled connection already authenticated as `creds`: no legs.
+
+        For a CONNECT the trace says "reused" only once the parent accepted the CONNECT.
+        """
+        self.state = ConnState.AUTHENTICATED
+        self.creds = creds
+        self.authenticated_at = authenticated_at
+        self.reused = True
+        self._uses = uses
+        kind = "CONNECT on a pooled connection" if connect else "pooled connection"
+        self.trace = HandshakeTrace(self.parent, self.client, kind,
+                                    principal=creds.principal, key=self.trace_key)
+        if not connect:
+            self._mark_reused()
+
+    def _mark_reused(self) -> None:
+        if self.trace is None or self.trace.result != "pending" or self.authenticated_at is None:
+            return
+        self.trace.reused_pooled(self.authenticated_at, self._uses)
+        self.policy.record(self.trace_key, self.trace)
+
+    def reusable(self) -> bool:
+        """Idle, authenticated, keep-alive, nothing half-sent or half-received: may be pooled."""
+        if not self._reusable or self.state is not ConnState.AUTHENTICATED or self.connect_mode:
+            return False
+        if self.phase is not Phase.IDLE or self._skip is not None or self._req_in or self._resp_in:
+            return False
+        if self._req is None:
+            return self.reused  # adopted and never used
+        framer = self._resp_framer
+        return self._req_complete and framer is not None and framer.done
+
+    def _track_response(self, head: wire.Head) -> None:
+        """Frame a passed response, to know when it ends; rule out reuse when it cannot."""
+        self._resp_framer = None
+        status = head.status
+        req = self._req
+        if (status < 200 or status == 101 or req is None or not head.keeps_alive()
+                or not req.keeps_alive()):
+            self._reusable = False
+            return
+        framer = wire.response_framer(head, self._req_method())
+        if framer.until_close:
+            self._reusable = False
+            return
+        self._resp_framer = framer
+
+    def _frame_response(self, data: bytes | bytearray) -> None:
+        framer = self._resp_framer
+        if framer is None or not data:
+            return
+        try:
+            n = framer.feed(data)
+        except wire.WireError:
+            n = -1
+        if n != len(data):  # malformed, or bytes beyond the response: not ours to judge
+            self._reusable = False
+            self._resp_framer = None
+
+    def pooled_connection_lost(self) -> list[Action]:
+        """The pooled connection closed before answering its first request (the parent dropped
+        it while idle): open a fresh one and replay, instead of failing the client."""
+        log.info("[ntlm] %s -> %s: the pooled connection was closed by the parent; opening a "
+                 "new one", self.client, self.parent)
+        self.reused = False
+        self.state = ConnState.UNAUTHENTICATED
+        self.phase = Phase.IDLE
+        return [Reconnect()]
+
+    def lost_before_answer(self) -> bool:
+        """A close now means the parent dropped the pooled connection: `pooled_connection_lost`
+        can replay the request on a fresh one."""
+        return (self.reused and not self._answered and self.phase is Phase.PLAIN
+                and self.state is ConnState.AUTHENTICATED and self._replay is not None)
+
     # ---------------------------------------------------------------- helpers
 
     def _auth_head(self, raw: bytes, token: bytes) -> bytes:
@@ -180,7 +277,7 @@ class AuthEngine:
         """
         self.state = ConnState.FAILED
         self._passing = False
-        if self.trace and self.trace.result == "pending":
+        if self.trace and self.trace.result in ("pending", "reused"):
             self.trace.finish(result or f"failed: {reason}", logging.WARNING)
         if self.trace:
             self.policy.record(self.trace_key, self.trace)
@@ -300,6 +397,9 @@ class AuthEngine:
         self._req_framer = wire.BodyFramer(0)
         self._req_complete = True
         self._replay = bytearray()
+        if self.state is ConnState.AUTHENTICATED:  # a pooled connection: no legs unless asked
+            self.phase = Phase.PLAIN
+            return [ToParent(connect_head)]
         return self._start_legs()
 
     # ---------------------------------------------------------------- plain http
@@ -318,7 +418,7 @@ class AuthEngine:
                         break
                     head = wire.parse_request_head(raw)
                     if self.target is PARENT:
-                        head = wire.absolute_form(head)
+                        head = wire.persistent(wire.absolute_form(head))
                     framer = wire.request_framer(head)
                 except wire.WireError as e:
                     out += self._fail(f"mitmproxy-ntlm could not read the request: {e}")
@@ -349,6 +449,7 @@ class AuthEngine:
         self._resp_in.clear()
         self._passing = False
         self._skip = None
+        self._resp_framer = None
         self._reconnects = 0
         self._scheme_switches = 0
         if self.state is ConnState.UNAUTHENTICATED:
@@ -402,7 +503,10 @@ class AuthEngine:
 
     def from_parent(self, data: bytes) -> list[Action]:
         """Bytes from the parent connection."""
+        self._answered = True
         if self._passing:
+            if self._resp_framer is not None:
+                self._frame_response(data)
             return [ToChild(data)]
         if self.state is ConnState.FAILED:
             return []
@@ -463,12 +567,17 @@ class AuthEngine:
         if self.connect_mode:
             leftover = bytes(self._resp_in)
             self._resp_in.clear()
+            if self.reused:
+                self._mark_reused()
             return [Established(leftover)]
         self._passing = True
-        data = head.raw + bytes(self._resp_in)
+        rest = bytes(self._resp_in)
         self._resp_in.clear()
         self.phase = Phase.IDLE
-        return [ToChild(data)]
+        if self.track_reuse:
+            self._track_response(head)
+            self._frame_response(rest)
+        return [ToChild(head.raw + rest)]
 
     def _on_response(self, head: wire.Head) -> list[Action]:
         status = head.status
@@ -482,6 +591,9 @@ class AuthEngine:
             return self._on_leg3_response(head)
         if self.phase is Phase.PLAIN and status == self.target.status:
             return self._on_rechallenge(head)
+        if self.connect_mode and not 200 <= status < 300:  # CONNECT on a pooled connection
+            return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT: "
+                              f"{status} {head.first[2]}".rstrip())
         return self._pass_response(head)
 
     def _on_leg1_response(self, head: wire.Head) -> list[Action]:
@@ -611,6 +723,7 @@ class AuthEngine:
             return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT after "
                               f"authentication: {status} {head.first[2]}".rstrip())
         self.state = ConnState.AUTHENTICATED
+        self.authenticated_at = time.time()
         self.policy.accepted(self.creds)
         self.trace.finish("authenticated")
         self.policy.record(self.trace_key, self.trace)

@@ -6,19 +6,34 @@ for CONNECT tunnels and for absolute-form plain http, and mitmproxy looks the cl
 its module at call time; so `install()` swaps in a subclass that runs `engine.AuthEngine`
 on the connection, and `uninstall()` puts the original back. Verified on the versions in
 `SUPPORTED`; `check_version()` refuses others with a clear message.
+
+Connection pool (`set_pool`): mitmproxy ties server sockets to one client connection's
+`ConnectionHandler`, so an authenticated parent connection dies with its client. Two methods of
+`mitmproxy.proxy.server.ConnectionHandler` (identical in all supported versions) are wrapped:
+- `handle_connection`: for a plain-http parent connection of our layer, the transport's writer
+  is wrapped (`_PoolableWriter`); when mitmproxy closes it (client gone, or the layer is done)
+  and the engine says the connection is idle and reusable, the asyncio streams go to the pool
+  instead of being closed. mitmproxy still sees a normal close of its `Server` object.
+- `open_connection`: when our layer took a pooled connection for the `Server` it opens, the
+  pooled streams are installed in this handler (hooks and events as for a fresh socket) instead
+  of connecting; if it died meanwhile a fresh socket is opened as usual.
+Everything else (requests, CONNECT) runs through the layer as on a fresh connection, with the
+engine starting authenticated.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import mitmproxy
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events, layer, tunnel
+from mitmproxy.proxy import commands, events, layer, server, server_hooks, tunnel
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _upstream_proxy
 from mitmproxy.proxy.layers.http._hooks import HttpConnectUpstreamHook
@@ -26,7 +41,8 @@ from mitmproxy.utils import human
 
 from . import engine as eng
 from .parents import ParentList
-from .policy import UpstreamPolicy
+from .policy import AuthUnavailable, UpstreamPolicy
+from .pool import ParentPool, PooledConnection, PoolKey
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -76,6 +92,9 @@ def check_version(version: str | None = None) -> None:
     for name in ("_handshake_finished", "on_handshake_error", "event_to_child"):
         if not hasattr(_ORIGINAL, name):  # pragma: no cover - guards against silent drift
             raise UnsupportedMitmproxy(f"mitmproxy {version}: TunnelLayer.{name} is missing")
+    for name in ("open_connection", "handle_connection", "server_event", "handle_hook"):
+        if not hasattr(server.ConnectionHandler, name):  # pragma: no cover
+            raise UnsupportedMitmproxy(f"mitmproxy {version}: ConnectionHandler.{name} is missing")
 
 
 class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
@@ -86,6 +105,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     parents: ClassVar[ParentList | None] = None
     roaming: ClassVar[bool] = False
     origin_engines: ClassVar[OriginEngineFactory | None] = None
+    pool: ClassVar[ParentPool | None] = None
 
     def __init__(self, ctx, tunnel_conn: connection.Server, send_connect: bool) -> None:  # type: ignore[no-untyped-def]
         super().__init__(ctx, tunnel_conn, send_connect)
@@ -95,6 +115,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self._timers: dict[commands.RequestWakeup, int] = {}
         self._pending_failure: str | None = None
         self._direct = False  # roaming: no parent answered, the tunnel goes to the target
+        self._adopted: PooledConnection | None = None  # pooled connection now in use
+        self._uses = 1  # client connections this parent connection has served
 
     # ------------------------------------------------------------------ setup
 
@@ -106,11 +128,75 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         client = human.format_address(self.context.client.peername)
         host = self.tunnel_connection.address[0] if self.tunnel_connection.address else ""
         via = self.context.server.via
-        return eng.AuthEngine(
+        engine = eng.AuthEngine(
             policy, parent, client, target_host=host,
             can_reconnect=not (via and via[0] == "https"), client_id=self.context.client.id,
             trace_key=self.conn.id,
         )
+        engine.track_reuse = self._may_return_to_pool()
+        return engine
+
+    # ------------------------------------------------------------------ connection pool
+
+    def _absolute_form(self) -> bool:
+        """Plain http to the parent (no CONNECT), as `start_handshake` decides it."""
+        return not self.send_connect or isinstance(
+            self.child_layer, _ORIGINAL_CLIENT | OriginAuthLayer)
+
+    def _pool_scheme_ok(self) -> bool:
+        """Only plain-TCP parents: a TLS session to an https parent lives in this handler's
+        TLS layer and cannot move to another client connection."""
+        via = self.context.server.via
+        return type(self).pool is not None and (via is None or via[0] == "http")
+
+    def _may_return_to_pool(self) -> bool:
+        """Plain http through an http parent. Not with automatic logon to the origin: the
+        parent pins the origin's authenticated connection to this one (as Squid does)."""
+        return (self._pool_scheme_ok() and self._absolute_form() and not self._direct
+                and not isinstance(self.child_layer, OriginAuthLayer))
+
+    def _checkout(self) -> PooledConnection | None:
+        """An idle connection to this parent authenticated as this client's identity."""
+        pool, policy = type(self).pool, type(self).policy
+        address = self.tunnel_connection.address
+        if pool is None or policy is None or not self._pool_scheme_ok() or not address:
+            return None
+        try:
+            creds = policy.credentials(self.context.client.id)
+        except AuthUnavailable:
+            return None  # the normal path explains it to the client
+        return pool.take(PoolKey("http", (address[0], address[1]), creds))
+
+    def pool_release(self, conn: connection.Connection, reader: Any,
+                     writer: Any) -> PooledConnection | None:
+        """Called when mitmproxy closes a parent connection of this layer: the pool entry to
+        keep instead, if the connection is authenticated, idle and reusable."""
+        engine = self.engine
+        if (conn != self.tunnel_connection or engine is None or self._tunnel_open
+                or self._direct or not engine.track_reuse or engine.creds is None
+                or not engine.reusable() or not conn.address):
+            return None
+        key = PoolKey("http", (conn.address[0], conn.address[1]), engine.creds)
+        return PooledConnection(key, reader, writer,
+                                authenticated_at=engine.authenticated_at or time.time(),
+                                uses=self._uses)
+
+    def _open_parent(self, conn: connection.Server,
+                     entry: PooledConnection | None = None) -> layer.CommandGenerator[str | None]:
+        """OpenConnection for a parent connection, on `entry`'s pooled streams if given; the
+        connection is registered so that closing it can return it to the pool."""
+        releaser = self if self._may_return_to_pool() else None
+        opening = None
+        if entry is not None or releaser is not None:
+            opening = _Opening(releaser, entry, type(self).pool)
+            _OPENING[conn] = opening
+        err = yield commands.OpenConnection(conn)
+        unused = _OPENING.pop(conn, None)
+        if unused is not None and unused.entry is not None:  # never reached open_connection
+            unused.entry.writer.close()
+        if opening is not None and opening.adopted and not err:
+            self._adopted = entry
+        return err
 
     def _connect_request_head(self) -> layer.CommandGenerator[bytes]:
         """Build the CONNECT like mitmproxy does and let other addons edit it once."""
@@ -143,6 +229,12 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self.engine = self._new_engine()
         if self.engine is None:
             return (yield from super().start_handshake())
+        if self._adopted is not None:
+            entry = self._adopted
+            self._uses = entry.uses
+            self.engine.adopt(entry.key.creds, entry.authenticated_at, entry.uses,
+                              connect=self.send_connect)
+            self._report_trace()
         if not self.send_connect:
             # Plain http: the tunnel opens at once; the engine works on each request.
             return (yield from super().start_handshake())
@@ -183,6 +275,18 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             return
         if isinstance(event, events.ConnectionEvent) and event.connection in self._retired:
             return  # a parent connection we replaced after a closing 407
+        if (
+            self.engine is not None
+            and not self._tunnel_open
+            and isinstance(event, events.ConnectionClosed)
+            and event.connection == self.tunnel_connection
+            and self.engine.lost_before_answer()
+        ):
+            # A pooled connection the parent had closed while it was idle: replay on a new one.
+            failure = yield from self._run(self._safely(self.engine.pooled_connection_lost))
+            if failure and self.send_connect:
+                yield from self._abort_handshake(failure)
+            return
         if (
             self.engine is not None
             and self.send_connect
@@ -255,7 +359,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             if number:
                 log.info("[ntlm] trying the next parent %s", human.format_address(spec[1]))
                 self.tunnel_connection = connection.Server(address=spec[1])
-            err = yield commands.OpenConnection(self.tunnel_connection)
+            entry = self._checkout() if number == 0 else None
+            err = yield from self._open_parent(self.tunnel_connection, entry)
             if not err:
                 if parents is not None:
                     parents.succeeded(spec)
@@ -352,8 +457,165 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             yield commands.CloseConnection(old)
         fresh = connection.Server(address=old.address)
         self.tunnel_connection = fresh
-        err = yield commands.OpenConnection(fresh)
+        self._adopted = None
+        self._uses = 1
+        err = yield from self._open_parent(fresh)
         return (yield from self._run(self._safely(self.engine.reconnected, err)))
+
+
+# ---------------------------------------------------------------------- pool: ConnectionHandler
+
+
+@dataclass(eq=False)
+class _Opening:
+    """What `_open_connection` should do for one parent `Server` our layer opens."""
+
+    releaser: NtlmUpstreamProxy | None  # decides at close whether the streams go to the pool
+    entry: PooledConnection | None  # pooled streams to use instead of connecting
+    pool: ParentPool | None
+    adopted: bool = False
+
+
+_OPENING: dict[connection.Connection, _Opening] = {}
+_RELEASERS: dict[connection.Connection, NtlmUpstreamProxy] = {}
+
+
+class _PoolableWriter:
+    """Stands in for a parent connection's StreamWriter in mitmproxy's transports: when
+    mitmproxy closes the connection, an idle authenticated one goes to the pool instead."""
+
+    def __init__(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                 conn: connection.Connection, releaser: NtlmUpstreamProxy) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._conn = conn
+        self._releaser: NtlmUpstreamProxy | None = releaser
+        self._eof_sent = False
+        # the hot calls go straight to the writer (no __getattr__ on every send)
+        self.write = writer.write
+        self.is_closing = writer.is_closing
+        self.drain = writer.drain
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def write_eof(self) -> None:
+        self._eof_sent = True  # half-closed by us: never reusable
+        self._writer.write_eof()
+
+    def close(self) -> None:
+        releaser, self._releaser = self._releaser, None
+        pool = NtlmUpstreamProxy.pool
+        entry = None
+        if releaser is not None and pool is not None and not self._eof_sent:
+            try:
+                entry = releaser.pool_release(self._conn, self._reader, self._writer)
+            except Exception:  # never let pooling break a close
+                log.exception("[ntlm] could not return a parent connection to the pool")
+        if entry is not None and pool is not None and pool.put(entry):
+            return
+        self._writer.close()
+
+
+async def _open_pooled(handler: server.ConnectionHandler, command: commands.OpenConnection,
+                       entry: PooledConnection) -> None:
+    """`ConnectionHandler.open_connection` on pooled streams: the same hooks and events as
+    for a fresh socket, without connecting."""
+    conn = command.connection
+    hook_data = server_hooks.ServerConnectionHookData(client=handler.client, server=conn)
+    await handler.handle_hook(server_hooks.ServerConnectHook(hook_data))
+    if err := conn.error:
+        entry.writer.close()
+        handler.log(f"server connection to {human.format_address(conn.address)} killed before "
+                    f"connect: {err}")
+        await handler.handle_hook(server_hooks.ServerConnectErrorHook(hook_data))
+        await handler.server_event(events.OpenConnectionCompleted(command,
+                                                                  f"Connection killed: {err}"))
+        return
+    now = time.time()
+    conn.timestamp_start = now
+    conn.timestamp_tcp_setup = now
+    conn.state = connection.ConnectionState.OPEN
+    conn.peername = entry.writer.get_extra_info("peername")
+    conn.sockname = entry.writer.get_extra_info("sockname")
+    handler.transports[conn] = server.ConnectionIO(
+        handler=asyncio.current_task(), reader=entry.reader, writer=entry.writer)
+    addr = human.format_address(conn.address)
+    handler.log(f"server connect {addr} (pooled, authenticated as {entry.key.creds.principal})")
+    await handler.handle_hook(server_hooks.ServerConnectedHook(hook_data))
+    await handler.server_event(events.OpenConnectionCompleted(command, None))
+    try:
+        await handler.handle_connection(conn)
+    finally:
+        handler.log(f"server disconnect {addr}")
+        conn.timestamp_end = time.time()
+        await handler.handle_hook(server_hooks.ServerDisconnectedHook(hook_data))
+
+
+async def _open_connection(self: server.ConnectionHandler,
+                           command: commands.OpenConnection) -> None:
+    """Wraps `ConnectionHandler.open_connection` (see the module docstring)."""
+    opening = _OPENING.pop(command.connection, None)
+    if opening is None:
+        return await _ORIGINAL_OPEN(self, command)
+    conn = command.connection
+    if opening.releaser is not None:
+        _RELEASERS[conn] = opening.releaser
+    try:
+        entry, pool = opening.entry, opening.pool
+        if entry is not None and pool is not None:
+            try:
+                claimed = await pool.claim(entry)
+            except BaseException:  # cancelled (client gone) while waiting: do not leak it
+                entry.writer.close()
+                raise
+            if claimed:
+                opening.adopted = True
+                return await _open_pooled(self, command, entry)
+            log.debug("[ntlm] the pooled connection to %s died; connecting", entry.key)
+        return await _ORIGINAL_OPEN(self, command)
+    finally:
+        _RELEASERS.pop(conn, None)
+
+
+async def _handle_connection(self: server.ConnectionHandler,
+                             connection_: connection.Connection) -> None:
+    """Wraps `ConnectionHandler.handle_connection`: our parent connections get a writer that
+    can return them to the pool when mitmproxy closes them."""
+    releaser = _RELEASERS.get(connection_)
+    if releaser is not None:
+        io = self.transports.get(connection_)
+        if (io is not None and isinstance(io.writer, asyncio.StreamWriter)
+                and isinstance(io.reader, asyncio.StreamReader)):
+            io.writer = _PoolableWriter(io.writer, io.reader, connection_, releaser)  # type: ignore[assignment]
+    return await _ORIGINAL_HANDLE(self, connection_)
+
+
+_ORIGINAL_OPEN = getattr(server.ConnectionHandler.open_connection, "_ntlm_original",
+                         server.ConnectionHandler.open_connection)
+_ORIGINAL_HANDLE = getattr(server.ConnectionHandler.handle_connection, "_ntlm_original",
+                           server.ConnectionHandler.handle_connection)
+_open_connection._ntlm_original = _ORIGINAL_OPEN  # type: ignore[attr-defined]
+_handle_connection._ntlm_original = _ORIGINAL_HANDLE  # type: ignore[attr-defined]
+
+
+def set_pool(pool: ParentPool | None) -> None:
+    """Share idle authenticated parent connections across client connections (None: off)."""
+    old = NtlmUpstreamProxy.pool
+    if old is not None and old is not pool:
+        old.close_all()
+    NtlmUpstreamProxy.pool = pool
+    if pool is None:
+        server.ConnectionHandler.open_connection = _ORIGINAL_OPEN  # type: ignore[method-assign]
+        server.ConnectionHandler.handle_connection = _ORIGINAL_HANDLE  # type: ignore[method-assign]
+    else:
+        check_version()
+        server.ConnectionHandler.open_connection = _open_connection  # type: ignore[method-assign]
+        server.ConnectionHandler.handle_connection = _handle_connection  # type: ignore[method-assign]
+
+
+def pool_patched() -> bool:
+    return server.ConnectionHandler.open_connection is _open_connection
 
 
 def parent_tunnel(context: Any) -> layer.Layer:
@@ -438,6 +700,7 @@ def install(policy: UpstreamPolicy) -> None:
 
 def uninstall() -> None:
     """Put mitmproxy's own layer back (addon unloaded or script reloaded)."""
+    set_pool(None)
     NtlmUpstreamProxy.policy = None
     _upstream_proxy.HttpUpstreamProxy = _ORIGINAL  # type: ignore[misc]
 

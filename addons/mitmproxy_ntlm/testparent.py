@@ -53,6 +53,9 @@ FAULTS: frozenset[str] = frozenset(
         "close_407",
         "close_rechallenge",
         "http10_407",
+        # a connection that already served a request is closed when the next one arrives,
+        # unanswered: the race of a parent dropping an idle connection just as it is reused
+        "drop_reused",
         # faults in the answer to a Type 1 (see _send_faulty_challenge)
         "close_mid_body",
         "close_after_type2",
@@ -328,6 +331,7 @@ class ParentProxy:
         host: str = "127.0.0.1",
         port: int = 0,
         demo_host: str | None = "ntlm-demo.invalid",
+        idle_timeout: float | None = None,
     ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
@@ -343,6 +347,11 @@ class ParentProxy:
         self.host = host
         self.port = port
         self.demo_host = demo_host.lower() if demo_host else None
+        # Close a keep-alive connection that waits longer than this for its next request
+        # (Squid's client_idle_pconn_timeout), as real parents do with idle pooled connections.
+        self.idle_timeout = idle_timeout
+        self._waiting: set[asyncio.StreamWriter] = set()  # connections between requests
+        self.idle_closed = 0
 
         self._lock = threading.Lock()
         self._conn_ids = itertools.count(1)
@@ -464,6 +473,21 @@ class ParentProxy:
                 f.write(f"{domain if sep else ''}:{user}:{password}\n")
         self._user_file = path
 
+    def close_idle(self) -> int:
+        """Close every connection that waits for its next request (a parent dropping idle
+        keep-alive connections); returns how many were closed."""
+        assert self._loop is not None
+
+        async def close() -> int:
+            writers = list(self._waiting)
+            for w in writers:
+                w.close()
+            with self._lock:
+                self.idle_closed += len(writers)
+            return len(writers)
+
+        return asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+
     # ----------------------------------------------------------------- stats
 
     def snapshot(self) -> ParentStats:
@@ -570,13 +594,28 @@ class ParentProxy:
                     pass
                 await asyncio.Event().wait()  # never close either; stop() cancels us
             while True:
+                self._waiting.add(writer)
                 try:
-                    head = await _read_head(reader, request=True)
+                    if self.idle_timeout is not None and st.forwarded_total:
+                        async with asyncio.timeout(self.idle_timeout):
+                            head = await _read_head(reader, request=True)
+                    else:
+                        head = await _read_head(reader, request=True)
+                except TimeoutError:
+                    logger.debug("conn %d: idle for %g s: closing", conn_id, self.idle_timeout)
+                    with self._lock:
+                        self.idle_closed += 1
+                    break
                 except _BadRequest as e:
                     logger.debug("conn %d: bad request: %s", conn_id, e)
                     await self._send_simple(writer, 400, "Bad Request", str(e), keep=False)
                     break
+                finally:
+                    self._waiting.discard(writer)
                 if head is None:
+                    break
+                if self.fault == "drop_reused" and st.forwarded_total:
+                    logger.debug("conn %d: fault drop_reused: closing unanswered", conn_id)
                     break
                 try:
                     keep = await self._handle_request(st, head, reader, writer)
@@ -1072,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", choices=sorted(FAULTS), help="misbehave on purpose")
     parser.add_argument("--rechallenge-after", type=int, metavar="N")
     parser.add_argument("--demo-host", default="ntlm-demo.invalid")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        help="close keep-alive connections idle this long")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if not args.user and not args.no_auth:
@@ -1087,6 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
         rechallenge_after=args.rechallenge_after,
         port=args.port,
         demo_host=args.demo_host or None,
+        idle_timeout=args.idle_timeout,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with proxy:

@@ -29,7 +29,7 @@ class HandshakeTrace:
     scheme: str = ""  # header scheme used: NTLM or Negotiate
     why: str = ""  # why that scheme and mechanism were chosen
     legs: int = 0  # messages exchanged: Type 1, 2, 3 (NTLM) or 1 (Kerberos)
-    result: str = "pending"  # authenticated | rejected | no auth needed | failed: ...
+    result: str = "pending"  # authenticated | reused | rejected | no auth needed | failed: ...
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -38,12 +38,15 @@ class HandshakeTrace:
     exchanges: list[list[bytes | None]] = field(default_factory=list)
     emitted: bool = False
     key: str = ""  # id of the mitmproxy connection the flows use (flow.server_conn.id)
+    authenticated_at: float | None = None  # wall clock; set for a reused pooled connection
 
     def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
         now = time.monotonic()
         entry = {"stage": name, "ms": round((now - self._last) * 1000, 1), **details}
         self._last = now
         self.stages.append(entry)
+        if not log.isEnabledFor(level):
+            return  # formatting is the costly part; the stage is kept for the flow anyway
         text = messages.one_line(details) if details else ""
         log.log(
             level,
@@ -98,6 +101,19 @@ class HandshakeTrace:
         self.dialect = str(summary.get("dialect", ""))
         self._stage("Type 3 sent", summary, logging.DEBUG)
 
+    def reused_pooled(self, authenticated_at: float, uses: int) -> None:
+        """No handshake: the connection came from the pool, authenticated earlier."""
+        self.authenticated_at = authenticated_at
+        self.result = "reused"
+        self._stage("reused pooled connection",
+                    {"user": self.principal or "-", "authenticated_at": self._when(),
+                     "client_connections": uses}, logging.DEBUG)
+
+    def _when(self) -> str:
+        if self.authenticated_at is None:
+            return ""
+        return time.strftime("%H:%M:%S", time.localtime(self.authenticated_at))
+
     def finish(self, result: str, level: int = logging.INFO) -> None:
         self.result = result
         self._stage("result", {"result": result, "user": self.principal or "-",
@@ -109,7 +125,7 @@ class HandshakeTrace:
 
     @property
     def ok(self) -> bool:
-        return self.result in ("authenticated", "no auth needed")
+        return self.result in ("authenticated", "reused", "no auth needed")
 
     def comment(self) -> str:
         """One line for mitmweb's comment field."""
@@ -117,6 +133,9 @@ class HandshakeTrace:
             legs = "1 leg" if self.legs == 1 else f"{self.legs} legs"
             return (f"{self.dialect or 'NTLM'} as {self.principal} via {self.parent}, "
                     f"{legs}, {self.elapsed_ms:.0f} ms")
+        if self.result == "reused":
+            return (f"reused pooled connection to {self.parent}, authenticated as "
+                    f"{self.principal} at {self._when()} (no new handshake)")
         if self.result == "no auth needed":
             return f"parent {self.parent} needed no authentication"
         if self.result == "rejected":
@@ -134,4 +153,6 @@ class HandshakeTrace:
             "legs": self.legs,
             "ms": round(self.elapsed_ms, 1),
             "stages": self.stages,
+            **({"pooled": True, "authenticated_at": self.authenticated_at}
+               if self.result == "reused" else {}),
         }

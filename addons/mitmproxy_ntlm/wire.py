@@ -286,6 +286,28 @@ def absolute_form(request: Head) -> Head:
     return Head((method, f"http://{host}{target}", version), request.headers, raw)
 
 
+def persistent(request: Head) -> Head:
+    """The request asking the parent to keep the connection open.
+
+    NTLM authenticates the connection: a client's `Connection: close` (hop-by-hop, meant for
+    mitmproxy) or an HTTP/1.0 request without keep-alive makes the parent close after its 407,
+    and the handshake cannot complete. mitmproxy still closes (or the pool keeps) the
+    connection itself after the response, as the client asked. Other Connection tokens stay.
+    """
+    tokens = request.tokens("connection") | request.tokens("proxy-connection")
+    if "close" not in tokens and (request.version != "HTTP/1.0" or "keep-alive" in tokens):
+        return request
+    keep = sorted((tokens - {"close", "keep-alive"}) | {"keep-alive"})
+    lines = request.raw[:-4].split(b"\r\n")
+    kept = [lines[0]] + [
+        line for line in lines[1:]
+        if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"proxy-connection")
+    ]
+    kept.append(b"Connection: " + ", ".join(keep).encode("latin-1"))
+    raw = b"\r\n".join(kept) + b"\r\n\r\n"
+    return parse_request_head(raw)
+
+
 def probe_head(request: Head) -> bytes:
     """A HEAD request for the same target: the safe first leg for a request with a body."""
     keep = ("host", "user-agent")

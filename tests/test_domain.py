@@ -166,7 +166,9 @@ def test_kerberos_from_a_keytab_renews_its_ticket(mitm, domain, domain_squid, or
     domain.export_keytab(TEST_USER, keytab)
     m = mitm(parent_url(domain_squid), {
         "ntlm_kerberos_keytab": str(keytab), "ntlm_kerberos_principal": KERBEROS_PRINCIPAL,
-        "ntlm_kerberos_lifetime": 306}, env=env_for(domain))
+        "ntlm_kerberos_lifetime": 306,
+        "ntlm_pool": False},  # each client connection logs on, so each needs the ticket
+        env=env_for(domain))
     url = f"{origin.url}/hello?keytab"
     assert curl("-x", m.url, url).stdout == "hello"
     assert m.wait_for(f"obtained a ticket for {KERBEROS_PRINCIPAL} from keytab")
@@ -239,7 +241,8 @@ def test_parent_offering_only_ntlm_is_not_sent_kerberos_again(mitm, domain, orig
     with domain_squid(domain, schemes=("ntlm",)) as squid:
         m = mitm(parent_url(squid), {
             "ntlm_username": f"CORP\\{TEST_USER}", "ntlm_kerberos_ccache": f"FILE:{ccache}",
-            "ntlm_password_file": secret_file(tmp_path, "pw", TEST_PASSWORD)},
+            "ntlm_password_file": secret_file(tmp_path, "pw", TEST_PASSWORD),
+            "ntlm_pool": False},  # the second client connection must choose again
             env=env_for(domain, f"FILE:{ccache}"))
         url = f"{origin.url}/hello?ntlm-only"
         assert curl("-x", m.url, url).stdout == "hello"  # Kerberos first, then NTLM

@@ -85,7 +85,7 @@ class SambaDC:
         conf = re.sub(r"\tlog file = .*\n", "", conf).replace(
             "[global]\n",
             f"[global]\n\tlog file = {self.log_path}\n\tlog level = 1 auth_audit:3\n"
-            f"\tmax log size = 0\n", 1)
+            f"\tmax log size = 0\n\tpid directory = {self.dir}\n", 1)
         self.smb_conf.write_text(conf)
         self.krb5_conf.write_text(
             f"[libdefaults]\n\tdefault_realm = {REALM}\n\tdns_lookup_realm = false\n"

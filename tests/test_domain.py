@@ -262,3 +262,18 @@ def test_kinit_and_klist_work_against_the_test_realm(domain, tmp_path):
     out = subprocess.run(["klist", "-c", f"FILE:{ccache}"], capture_output=True, text=True,
                          env={**domain.env()}).stdout
     assert KERBEROS_PRINCIPAL in out
+
+
+def test_service_principal_can_be_named_when_the_parent_is_reached_by_another_name(
+        mitm, domain, domain_squid, origin, tmp_path):
+    """Addressed as 127.0.0.1 there is no HTTP/127.0.0.1 principal; ntlm_kerberos_spn names
+    the real one, as for a proxy reached through an alias."""
+    ccache = tmp_path / "krb5cc"
+    domain.kinit(TEST_USER, TEST_PASSWORD, ccache)
+    m = mitm(domain_squid.url, {"ntlm_kerberos_ccache": f"FILE:{ccache}",
+                                "ntlm_kerberos_spn": "HTTP/localhost"},
+             env=env_for(domain, f"FILE:{ccache}"))
+    url = f"{origin.url}/hello?spn"
+    assert curl("-x", m.url, url).stdout == "hello"
+    assert wait_users(domain_squid, url, 1) == [KERBEROS_PRINCIPAL]
+    assert m.wait_for("Kerberos for HTTP/localhost: ticket for")

@@ -43,7 +43,7 @@ from .credentials import Credentials
 from .handshake import ChallengeError, NtlmHandshake
 from .kerberos import KerberosHandshake, KerberosRejected
 from .policy import AuthUnavailable, UpstreamPolicy
-from .schemes import NoScheme
+from .schemes import NoScheme, SchemeMode
 from .trace import HandshakeTrace
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -675,7 +675,7 @@ class AuthEngine:
             self.policy.chooser.kerberos_refused(self.parent, reason)
             log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
             if self.creds.has_ntlm_secret and self._can_switch(schemes) and \
-                    self.policy.chooser.mode.value == "auto":
+                    self.policy.chooser.mode is SchemeMode.AUTO:
                 return self._switch_scheme(head, "Kerberos")
             self.trace.finish("rejected", logging.WARNING)
             if self.target is ORIGIN:
@@ -685,9 +685,9 @@ class AuthEngine:
                 return self._pass_response(head)
             return self._fail(f"The {reason}. Check the ticket (klist) and the service "
                               f"principal (ntlm_kerberos_spn).", result="rejected")
-        if self.connect_mode and not 200 <= status < 300:
-            return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT after "
-                              f"authentication: {status} {head.first[2]}".rstrip())
+        refused = self._refused_connect(head)
+        if refused is not None:
+            return refused
         try:
             answer = wire.ntlm_challenge(head, self.target.challenge_header, "Negotiate")
         except wire.WireError:
@@ -695,10 +695,7 @@ class AuthEngine:
         if answer is not None and not self._handshake.mutual(answer):
             return self._fail(f"The {self.target.name} {self.parent} answered with a Kerberos "
                               f"token that does not verify (mutual authentication failed).")
-        self.state = ConnState.AUTHENTICATED
-        self.policy.accepted(self.creds)
-        self.trace.finish("authenticated")
-        self.policy.record(self.trace_key, self.trace)
+        self._mark_authenticated()
         if self._probe:
             return self._skip_body(head, self._send_plain)
         return self._pass_response(head)
@@ -719,15 +716,28 @@ class AuthEngine:
             text = self.policy.rejected_by_parent(self.creds, self.parent, self.client_id)
             self.trace.finish("rejected", logging.WARNING)
             return self._fail(text, result="rejected", auth_failure=True)
-        if self.connect_mode and not 200 <= status < 300:
+        refused = self._refused_connect(head)
+        if refused is not None:
+            return refused
+        self._mark_authenticated()
+        return self._pass_response(head)
+
+    def _refused_connect(self, head: wire.Head) -> list[Action] | None:
+        """The parent took the credentials but not the CONNECT: fail with its status."""
+        if self.connect_mode and not 200 <= head.status < 300:
             return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT after "
-                              f"authentication: {status} {head.first[2]}".rstrip())
+                              f"authentication: {head.status} {head.first[2]}".rstrip())
+        return None
+
+    def _mark_authenticated(self) -> None:
+        """The last leg (Type 3 or the Kerberos token) was accepted; the time is what flows
+        that later reuse this connection from the pool show."""
+        assert self.trace is not None and self.creds is not None
         self.state = ConnState.AUTHENTICATED
         self.authenticated_at = time.time()
         self.policy.accepted(self.creds)
         self.trace.finish("authenticated")
         self.policy.record(self.trace_key, self.trace)
-        return self._pass_response(head)
 
     def _on_rechallenge(self, head: wire.Head) -> list[Action]:
         log.info("[ntlm] %s -> %s: re-challenged (407) on an authenticated connection",

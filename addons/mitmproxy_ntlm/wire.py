@@ -257,12 +257,13 @@ def ntlm_challenge(head: Head, header: str = "proxy-authenticate",
     return None
 
 
-def set_header(head: bytes, name: str, value: str) -> bytes:
-    """`head` with every `name` header removed and `name: value` added before the blank line."""
-    lname = name.lower().encode()
+def set_header(head: bytes, name: str, value: str, also_remove: tuple[str, ...] = ()) -> bytes:
+    """`head` with every `name` header (and every `also_remove` one) removed and `name: value`
+    added before the blank line."""
+    drop = {n.lower().encode() for n in (name, *also_remove)}
     lines = head[:-4].split(b"\r\n")
     kept = [lines[0]] + [
-        line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != lname
+        line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() not in drop
     ]
     kept.append(f"{name}: {value}".encode("latin-1"))
     return b"\r\n".join(kept) + b"\r\n\r\n"
@@ -298,14 +299,8 @@ def persistent(request: Head) -> Head:
     if "close" not in tokens and (request.version != "HTTP/1.0" or "keep-alive" in tokens):
         return request
     keep = sorted((tokens - {"close", "keep-alive"}) | {"keep-alive"})
-    lines = request.raw[:-4].split(b"\r\n")
-    kept = [lines[0]] + [
-        line for line in lines[1:]
-        if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"proxy-connection")
-    ]
-    kept.append(b"Connection: " + ", ".join(keep).encode("latin-1"))
-    raw = b"\r\n".join(kept) + b"\r\n\r\n"
-    return parse_request_head(raw)
+    return parse_request_head(set_header(request.raw, "Connection", ", ".join(keep),
+                                         also_remove=("Proxy-Connection",)))
 
 
 def probe_head(request: Head) -> bytes:

@@ -18,6 +18,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 
 from . import kerberos, messages, mitmproxy_internals
+from .bounded import bounded_set
 from .credentials import (
     CredentialError,
     Credentials,
@@ -29,7 +30,7 @@ from .handshake import Dialect, quiet_spnego_logs
 from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
 from .legflows import leg_flows
 from .multiuser import ClientLogins
-from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy, bounded_set
+from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
 from .pool import ParentPool
 from .schemes import SchemeChooser, SchemeMode
 from .trace import HandshakeTrace

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pacparser
 
+from .bounded import bounded_set
 from .parents import ServerSpec
-from .policy import bounded_set
 
 log = logging.getLogger("mitmproxy_ntlm")
 

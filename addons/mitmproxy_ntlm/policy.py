@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bounded import bounded_set
 from .credentials import Credentials
 from .handshake import Dialect
 from .schemes import Choice, SchemeChooser, SchemeMode
@@ -65,14 +66,6 @@ class LockoutGuard:
 
 class AuthUnavailable(Exception):
     """Credentials must not (or cannot) be sent; the message is shown to the client."""
-
-
-def bounded_set(store: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
-    """Insert or refresh `key`, dropping the oldest entries beyond `limit`."""
-    store[key] = value
-    store.move_to_end(key)
-    while len(store) > limit:
-        store.popitem(last=False)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .bounded import bounded_set
 from .credentials import Credentials
 from .handshake import Dialect, NtlmHandshake
 from .kerberos import KerberosHandshake, KerberosRejected, KerberosTickets, KerberosUnavailable
@@ -56,21 +57,15 @@ class SchemeChooser:
         self.max_peers = max_peers
         self.offers: OrderedDict[str, list[str]] = OrderedDict()
         self._refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._last: dict[str, str] = {}
-
-    def _remember(self, store: OrderedDict, key: str, value: object) -> None:  # type: ignore[type-arg]
-        store[key] = value
-        store.move_to_end(key)
-        while len(store) > self.max_peers:
-            store.popitem(last=False)
+        self._last: OrderedDict[str, str] = OrderedDict()
 
     def learn(self, peer: str, offered: list[str]) -> None:
         """Record the schemes of a bare challenge (one that carries no token)."""
         if offered:
-            self._remember(self.offers, peer, offered)
+            bounded_set(self.offers, peer, offered, self.max_peers)
 
     def kerberos_refused(self, peer: str, reason: str) -> None:
-        self._remember(self._refused, peer, (time.monotonic(), reason))
+        bounded_set(self._refused, peer, (time.monotonic(), reason), self.max_peers)
 
     def _refusal(self, peer: str) -> str | None:
         entry = self._refused.get(peer)
@@ -136,5 +131,5 @@ class SchemeChooser:
         """Say at INFO level when the scheme used with a peer changes, not on every exchange."""
         label = f"{choice.handshake.mechanism}/{choice.header}"
         if self._last.get(peer) != label:
-            self._last[peer] = label
+            bounded_set(self._last, peer, label, self.max_peers)
             log.info("[ntlm] %s: %s", peer, choice.why)

@@ -136,18 +136,24 @@ class SecretSources:
         }
         return [name for name, value in names.items() if value]
 
-    def password_text(self) -> str | None:
-        """The password itself when one of the password options holds it (not a hash)."""
+    def _password_text(self) -> str | None:
+        """The password itself when a password option is the source (not a hash)."""
         if self.password:
             return self.password
         if self.password_env:
-            return os.environ.get(self.password_env) or None
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise CredentialError(
+                    f"ntlm_password_env: environment variable {self.password_env} is not set"
+                )
+            return value
         if self.password_file:
             return read_secret_file(self.password_file)
         return None
 
-    def resolve(self) -> tuple[bytes, bytes]:
-        """(LM, NT) hashes from whichever single source is set."""
+    def resolve(self) -> tuple[bytes, bytes, str | None]:
+        """(LM, NT) hashes from whichever single source is set, and the password itself when
+        that source is a password (read once: a file or variable may change meanwhile)."""
         given = self.given()
         if self.pass_lm and not self.pass_nt:
             raise CredentialError("ntlm_pass_lm needs ntlm_pass_nt as well")
@@ -159,22 +165,14 @@ class SecretSources:
             )
         if len(given) > 1:
             raise CredentialError(f"set only one NTLM secret option, got: {', '.join(given)}")
-        if self.password:
-            return hashes_from_password(self.password)
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise CredentialError(
-                    f"ntlm_password_env: environment variable {self.password_env} is not set"
-                )
-            return hashes_from_password(value)
-        if self.password_file:
-            return hashes_from_password(read_secret_file(self.password_file))
+        password = self._password_text()
+        if password is not None:
+            return (*hashes_from_password(password), password)
         if self.pass_nt:
             nt = invert(parse_hex_hash(self.pass_nt, "ntlm_pass_nt"))
             lm = invert(parse_hex_hash(self.pass_lm, "ntlm_pass_lm")) if self.pass_lm else None
-            return lm or b"\x00" * 16, nt
-        return parse_standard_hashes(self.hashes)
+            return lm or b"\x00" * 16, nt, None
+        return (*parse_standard_hashes(self.hashes), None)
 
 
 def build_credentials(
@@ -185,10 +183,10 @@ def build_credentials(
     if not user:
         raise CredentialError("ntlm_username is not set")
     name, dom = split_principal(user, domain)
-    lm, nt = sources.resolve()
+    lm, nt, password = sources.resolve()
     return Credentials(
         user=name, domain=dom, workstation=workstation.upper(), nt_hash=nt, lm_hash=lm,
-        kerberos_password=sources.password_text() if keep_password else None,
+        kerberos_password=password if keep_password else None,
     )
 
 

@@ -242,12 +242,12 @@ class KerberosTickets:
 
     def service_for(self, peer_host: str) -> tuple[str, str]:
         """(service, host) of the principal to ask a ticket for: HTTP@peer unless overridden."""
-        spn = self.settings.spn.split("@", 1)[0] if "/" in self.settings.spn else self.settings.spn
-        if "/" in spn:
-            service, host = spn.split("/", 1)
+        spn = self.settings.spn
+        if "/" in spn:  # HTTP/host[@REALM]: the realm follows from the host
+            service, host = spn.split("@", 1)[0].split("/", 1)
             return service, host
-        if "@" in self.settings.spn:  # HTTP@host form
-            service, host = self.settings.spn.split("@", 1)
+        if "@" in spn:  # HTTP@host
+            service, host = spn.split("@", 1)
             return service, host
         return "HTTP", peer_host
 

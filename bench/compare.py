@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
+from soak import free_port, raise_fd_limit  # noqa: E402  (the soak test's own helpers)
+
 from servers import Squid, client_env  # noqa: E402
 
 ADDON = ROOT / "addons" / "ntlm.py"
@@ -149,13 +151,6 @@ class Load:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A port free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -1281,16 +1276,6 @@ def report_again(cfg: Config) -> int:
     plot(cells, cfg.out / "compare.png")
     print(table)
     return 0
-
-
-def raise_fd_limit() -> None:
-    """200 concurrent clients and their proxies need more than the default 1024 fds."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (  # key, column title, format
     ("mbps", "MB/s", "{:.1f}"),
     ("rss_mb", "peak RSS MB", "{:.0f}"),
     ("cpu_s", "CPU s", "{:.2f}"),
+    ("cpu_ms_req", "CPU ms/req", "{:.2f}"),
     ("hs_per_100", "handshakes/100 conn", "{:.1f}"),
     ("errors", "errors", "{:.0f}"),
 )
@@ -123,6 +124,7 @@ class Cell:
     mbps: float | None = None
     rss_mb: float | None = None
     cpu_s: float | None = None
+    cpu_ms_req: float | None = None  # the contender's CPU per request: its cost, load aside
     hs_per_100: float | None = None
     errors: float | None = None
     requests: int = 0
@@ -902,6 +904,8 @@ def measure(running: Running, st: Stack, cfg: Config, name: str, workload: str, 
         cell.mbps = load.mbps
     if load.client_conns:
         cell.hs_per_100 = 100 * hs / load.client_conns
+    if cpu_s is not None and load.requests and workload not in TRANSFERS:
+        cell.cpu_ms_req = 1000 * cpu_s / load.requests
     return cell
 
 

@@ -85,7 +85,10 @@ class SambaDC:
         conf = re.sub(r"\tlog file = .*\n", "", conf).replace(
             "[global]\n",
             f"[global]\n\tlog file = {self.log_path}\n\tlog level = 1 auth_audit:3\n"
-            f"\tmax log size = 0\n\tpid directory = {self.dir}\n", 1)
+            f"\tmax log size = 0\n\tpid directory = {self.dir}\n"
+            # RPC endpoints above the kernel's ephemeral ports (32768-60999 by default), where
+            # a client socket of another test can hold the port Samba wants
+            f"\trpc server dynamic port range = {_rpc_ports()}\n", 1)
         self.smb_conf.write_text(conf)
         self.krb5_conf.write_text(
             f"[libdefaults]\n\tdefault_realm = {REALM}\n\tdns_lookup_realm = false\n"
@@ -261,6 +264,16 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _rpc_ports() -> str:
+    """A range for Samba's dynamic RPC endpoints that client sockets never take."""
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        high = 60999
+    start = min(high + 1, 65535 - 200)
+    return f"{start}-{start + 199}"
 
 
 def _port_open(port: int) -> bool:

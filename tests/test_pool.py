@@ -3,7 +3,11 @@ processes reuse one NTLM logon, per user, with liveness checks and an idle timeo
 
 from __future__ import annotations
 
+import base64
+import http.client
 import io
+import subprocess
+import threading
 import time
 
 import pytest
@@ -47,6 +51,90 @@ def test_separate_clients_share_one_handshake(mitm, parent, origin, tmp_path):
     assert "reused pooled connection" in saved[-1].comment
     assert f"authenticated as {PRINCIPAL} at" in saved[-1].comment
     assert TEST_PASSWORD not in m.output
+
+
+def keepalive_client(m):  # type: ignore[no-untyped-def]
+    host, port = m.url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=30)
+
+
+def fetch(conn: http.client.HTTPConnection, url: str, headers: dict[str, str] | None = None
+          ) -> bytes:
+    conn.request("GET", url, headers=headers or {})
+    return conn.getresponse().read()
+
+
+def test_keepalive_clients_take_turns_on_one_parent_connection(mitm, parent, origin):
+    # Two kept-alive client connections asking in turn borrow the parent connection per
+    # request, as CNTLM and Px lend theirs: one parent connection, one logon (it was two).
+    m = mitm(parent.url, CREDS, env=ENV)
+    a, b = keepalive_client(m), keepalive_client(m)
+    for i in range(5):
+        for name, conn in (("a", a), ("b", b)):
+            assert fetch(conn, f"{origin.url}/hello?{name}{i}") == b"hello"
+    stats = parent.snapshot()
+    assert len(stats.requests) == 10
+    assert stats.type1_count == 1 and stats.connections == 1
+    a.close()
+    b.close()
+
+
+def test_busy_users_wait_for_their_connections_instead_of_logging_on(mitm, make_parent,
+                                                                      origin):
+    # 8 concurrent kept-alive clients of two users, at most 2 parent connections per user
+    # (ntlm_pool_connections): every request still reaches the parent as its own user.
+    two = make_parent(users=USERS)
+    m = mitm(two.url, {**MULTI, "ntlm_pool_connections": 2})
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        user, password = list(USERS.items())[n % 2]
+        auth = "Basic " + base64.b64encode(f"{user.split(chr(92))[1]}:{password}".encode()
+                                           ).decode()
+        conn = keepalive_client(m)
+        for i in range(6):
+            body = fetch(conn, f"{origin.url}/hello?as={user.split(chr(92))[1]}&n={n}-{i}",
+                         {"Proxy-Authorization": auth})
+            if body != b"hello":
+                errors.append(f"{user}: {body[:200]!r}")
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    stats = two.snapshot()
+    assert len(stats.requests) == 48
+    for rec in stats.requests:
+        assert rec.user == "CORP\\" + rec.target.split("as=")[1].split("&")[0], rec
+    assert stats.type3_count <= 4 and stats.connections <= 4  # 2 per user, however busy
+    users_per_conn: dict[int, set[str | None]] = {}
+    for rec in stats.requests:
+        users_per_conn.setdefault(rec.conn_id, set()).add(rec.user)
+    assert all(len(u) == 1 for u in users_per_conn.values())
+
+
+def test_a_request_that_waits_in_vain_opens_another_connection(mitm, parent, origin):
+    # One connection allowed, and a slow download holds it: the kept-alive client's next
+    # request waits ntlm_pool_wait (1 s), then logs on again on a new connection.
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_connections": 1, "ntlm_pool_wait": 1,
+                          "stream_large_bodies": "1k"}, env=ENV)
+    conn = keepalive_client(m)
+    assert fetch(conn, f"{origin.url}/hello") == b"hello"  # its connection is lent again
+    slow = subprocess.Popen(["curl", "-s", "-x", m.url, "--limit-rate", "200k", "--max-time",
+                             "4", "-o", "/dev/null", f"{origin.url}/bytes/20000000"])
+    try:
+        assert m.wait_for("reused pooled connection")  # the download borrowed it
+        started = time.monotonic()
+        assert fetch(conn, f"{origin.url}/hello?again") == b"hello"
+        assert time.monotonic() - started >= 0.9  # it did wait for the busy connection
+        assert m.wait_for("no connection came free within 1 s; opening a new one")
+    finally:
+        slow.wait(10)
+    stats = parent.snapshot()
+    assert stats.type1_count == 2 and len([r for r in stats.requests if "hello" in r.target]) == 2
 
 
 def test_pool_off_is_the_old_behaviour(mitm, parent, origin):

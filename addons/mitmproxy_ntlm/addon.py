@@ -63,7 +63,8 @@ CREDENTIAL_OPTIONS = (
     "ntlm_kerberos_lifetime",
     "proxyauth",
 )
-POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max")
+POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max", "ntlm_pool_connections",
+                "ntlm_pool_wait")
 
 
 class NtlmUpstreamAuth:
@@ -152,6 +153,14 @@ class NtlmUpstreamAuth:
                           "parent's own idle timeout (Squid: 120 s).")
         loader.add_option("ntlm_pool_max", int, 32,
                           "Most idle pooled parent connections kept in all (oldest closed first).")
+        loader.add_option("ntlm_pool_connections", int, 16,
+                          "Most plain-http parent connections per parent and user (0: no limit). "
+                          "Requests borrow them one at a time, as with CNTLM and Px; a request "
+                          "that finds them all busy waits for one (ntlm_pool_wait) instead of "
+                          "logging on again.")
+        loader.add_option("ntlm_pool_wait", int, 5,
+                          "Seconds a request waits for a busy parent connection of its user "
+                          "(ntlm_pool_connections) before it opens another one.")
         loader.add_option("ntlm_show_legs", bool, False,
                           "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
                           "own in mitmweb and the console; Type 3 responses are redacted.")
@@ -312,13 +321,17 @@ class NtlmUpstreamAuth:
     def _configure_pool(self) -> None:
         """(Re)build the connection pool: a new policy or pool option drops pooled connections."""
         opts = ctx.options
-        if opts.ntlm_pool_idle < 0 or opts.ntlm_pool_max < 0:
-            raise exceptions.OptionsError("ntlm_pool_idle and ntlm_pool_max must be 0 or more")
+        if min(opts.ntlm_pool_idle, opts.ntlm_pool_max, opts.ntlm_pool_connections,
+               opts.ntlm_pool_wait) < 0:
+            raise exceptions.OptionsError("ntlm_pool_idle, ntlm_pool_max, ntlm_pool_connections "
+                                          "and ntlm_pool_wait must be 0 or more")
         if self.policy is None or not opts.ntlm_pool or not opts.ntlm_pool_idle \
                 or not opts.ntlm_pool_max:
             mitmproxy_internals.set_pool(None)
             return
-        mitmproxy_internals.set_pool(ParentPool(float(opts.ntlm_pool_idle), opts.ntlm_pool_max))
+        mitmproxy_internals.set_pool(ParentPool(
+            float(opts.ntlm_pool_idle), opts.ntlm_pool_max,
+            per_key=opts.ntlm_pool_connections, wait_timeout=float(opts.ntlm_pool_wait)))
 
     def running(self) -> None:
         if self.policy is None:
@@ -477,9 +490,11 @@ class NtlmUpstreamAuth:
             lines.append("pool: off")
         else:
             st = pool.stats
-            lines.append(f"pool: {len(pool)} idle (max {pool.max_idle}, {pool.idle_timeout:g} s); "
-                         f"{st.reused} reused, {st.released} returned, {st.expired} expired, "
-                         f"{st.dead} closed by the parent, {st.evicted} evicted")
+            per = f", {pool.per_key} per user" if pool.per_key else ""
+            lines.append(f"pool: {len(pool)} idle (max {pool.max_idle}, {pool.idle_timeout:g} s"
+                         f"{per}); {st.reused} reused, {st.released} returned, {st.expired} "
+                         f"expired, {st.dead} closed by the parent, {st.evicted} evicted, "
+                         f"{st.waited} waited ({st.wait_timeouts} in vain)")
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "

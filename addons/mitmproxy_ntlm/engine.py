@@ -20,6 +20,8 @@ to it falls back to NTLM on the same connection when the chooser allows.
 
 Connection pool: a connection taken from the pool starts AUTHENTICATED (`adopt`), so its
 requests (or its CONNECT) go without legs; a 407 there restarts the legs as a re-challenge does.
+Between requests the layer may lend the socket to the pool and borrow another of the same
+user (`resume_pooled`), or find none (`needs_new_connection`: the next request reconnects).
 With `track_reuse` the engine also frames the responses it passes on, so `reusable()` can tell
 when the connection is idle (request sent in full, response received in full, keep-alive) and
 may go back to the pool. A pooled connection that closes before answering its first request
@@ -183,6 +185,7 @@ class AuthEngine:
         self._reusable = True  # nothing seen that rules out keeping the connection
         self._resp_framer: wire.BodyFramer | None = None
         self._uses = 1
+        self._new_connection = False  # the next request needs a new parent connection
 
     # ---------------------------------------------------------------- pool
 
@@ -247,11 +250,28 @@ class AuthEngine:
             self._reusable = False
             self._resp_framer = None
 
-    def pooled_connection_lost(self) -> list[Action]:
+    def resume_pooled(self, creds: Credentials, authenticated_at: float | None,
+                      uses: int) -> None:
+        """The next request goes on a connection lent by the pool, authenticated as `creds`
+        (`authenticated_at` None: one still to come free)."""
+        self.state = ConnState.AUTHENTICATED
+        self.creds = creds
+        self.reused = True
+        self._answered = False
+        if authenticated_at is not None:
+            self.authenticated_at = authenticated_at
+            self._uses = uses
+
+    def needs_new_connection(self) -> None:
+        """The connection was lent and none is free: the next request opens a new one."""
+        self._new_connection = True
+
+    def pooled_connection_lost(self, why: str | None = None) -> list[Action]:
         """The pooled connection closed before answering its first request (the parent dropped
-        it while idle): open a fresh one and replay, instead of failing the client."""
-        log.info("[ntlm] %s -> %s: the pooled connection was closed by the parent; opening a "
-                 "new one", self.client, self.parent)
+        it while idle), or none came free (`why`): open a fresh one and replay, instead of
+        failing the client."""
+        log.info("[ntlm] %s -> %s: %s; opening a new one", self.client, self.parent,
+                 why or "the pooled connection was closed by the parent")
         self.reused = False
         self.state = ConnState.UNAUTHENTICATED
         self.phase = Phase.IDLE
@@ -452,6 +472,12 @@ class AuthEngine:
         self._resp_framer = None
         self._reconnects = 0
         self._scheme_switches = 0
+        if self._new_connection:
+            self._new_connection = False
+            self.reused = False
+            self.state = ConnState.UNAUTHENTICATED
+            self.phase = Phase.IDLE
+            return [Reconnect()]
         if self.state is ConnState.UNAUTHENTICATED:
             return self._start_legs()
         if self.state is ConnState.REJECTED:
@@ -780,6 +806,20 @@ class AuthEngine:
         if err:
             return self._fail(f"Cannot reconnect to the {self.target.name} {self.parent}: {err}")
         return self._start_legs()
+
+    def reconnected_pooled(self, creds: Credentials, authenticated_at: float) -> list[Action]:
+        """The connection asked for by Reconnect came from the pool: the request goes as it
+        is, without legs."""
+        assert self._req is not None
+        self._resp_in.clear()
+        self._skip = None
+        self.state = ConnState.AUTHENTICATED
+        self.creds = creds
+        self.authenticated_at = authenticated_at
+        self.reused = True
+        self._answered = False
+        self.phase = Phase.PLAIN
+        return self._with_body(self._req.raw)
 
     def parent_closed(self) -> list[Action]:
         """The parent closed the connection; the child sees the close after these actions."""

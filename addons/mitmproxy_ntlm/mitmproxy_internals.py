@@ -8,15 +8,18 @@ on the connection, and `uninstall()` puts the original back. Verified on the ver
 `SUPPORTED`; `check_version()` refuses others with a clear message.
 
 Connection pool (`set_pool`): mitmproxy ties server sockets to one client connection's
-`ConnectionHandler`, so an authenticated parent connection dies with its client. Two methods of
-`mitmproxy.proxy.server.ConnectionHandler` (identical in all supported versions) are wrapped:
-- `handle_connection`: for a plain-http parent connection of our layer, the transport's writer
-  is wrapped (`_PoolableWriter`); when mitmproxy closes it (client gone, or the layer is done)
-  and the engine says the connection is idle and reusable, the asyncio streams go to the pool
-  instead of being closed. mitmproxy still sees a normal close of its `Server` object.
-- `open_connection`: when our layer took a pooled connection for the `Server` it opens, the
-  pooled streams are installed in this handler (hooks and events as for a fresh socket) instead
-  of connecting; if it died meanwhile a fresh socket is opened as usual.
+`ConnectionHandler`, so an authenticated parent connection would serve one client only. Two
+methods of `mitmproxy.proxy.server.ConnectionHandler` (identical in all supported versions)
+are wrapped:
+- `handle_connection`: for a plain-http parent connection of our layer, mitmproxy's reader and
+  writer are replaced by `_ParentStreams`. mitmproxy keeps one server connection for the
+  client's lifetime; behind it, the layer lends the socket to the pool after each complete
+  response and borrows one of the same parent and user before the next request (waiting for
+  one when the user has `ntlm_pool_connections` busy), as CNTLM and Px do. When mitmproxy
+  closes it, an idle authenticated socket goes to the pool instead of being closed.
+- `open_connection`: when our layer opens a parent connection and the pool has one of this
+  user (or one comes free while it waits), the pooled streams are installed in this handler
+  (hooks and events as for a fresh socket) instead of connecting.
 Everything else (requests, CONNECT) runs through the layer as on a fresh connection, with the
 engine starting authenticated.
 """
@@ -42,7 +45,7 @@ from mitmproxy.utils import human
 from . import engine as eng
 from .parents import ParentList
 from .policy import AuthUnavailable, UpstreamPolicy
-from .pool import ParentPool, PooledConnection, PoolKey
+from .pool import ParentPool, PooledConnection, PoolKey, Reservation, Waiter
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -116,7 +119,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self._pending_failure: str | None = None
         self._direct = False  # roaming: no parent answered, the tunnel goes to the target
         self._adopted: PooledConnection | None = None  # pooled connection now in use
-        self._uses = 1  # client connections this parent connection has served
+        self._uses = 1  # times this parent connection was handed out
+        self._streams: _ParentStreams | None = None  # lends the connection between requests
 
     # ------------------------------------------------------------------ setup
 
@@ -155,8 +159,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         return (self._pool_scheme_ok() and self._absolute_form() and not self._direct
                 and not isinstance(self.child_layer, OriginAuthLayer))
 
-    def _checkout(self) -> PooledConnection | None:
-        """An idle connection to this parent authenticated as this client's identity."""
+    def _pool_key(self) -> PoolKey | None:
+        """This parent and this client's current identity; None without a pool."""
         pool, policy = type(self).pool, type(self).policy
         address = self.tunnel_connection.address
         if pool is None or policy is None or not self._pool_scheme_ok() or not address:
@@ -165,7 +169,59 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             creds = policy.credentials(self.context.client.id)
         except AuthUnavailable:
             return None  # the normal path explains it to the client
-        return pool.take(PoolKey("http", (address[0], address[1]), creds))
+        return PoolKey("http", (address[0], address[1]), creds)
+
+    def streams_opened(self, streams: _ParentStreams) -> None:
+        """mitmproxy now reads and writes the parent connection through `streams`."""
+        pool = type(self).pool
+        if streams.conn is not self.tunnel_connection or pool is None:
+            return
+        key = self._pool_key()
+        if key is None:
+            return
+        streams.key = key
+        assert streams.phys_writer is not None
+        pool.track(key, streams.phys_writer)
+        self._streams = streams
+
+    def _lend(self) -> None:
+        """The response is complete: the connection goes back to the pool until the next
+        request (of any client of the same user) needs it."""
+        streams, pool = self._streams, type(self).pool
+        if streams is None or pool is None or streams.lent:
+            return
+        pair = streams.detach()
+        if pair is None:
+            return
+        entry = self.pool_release(streams.conn, *pair)
+        if entry is not None and pool.put(entry):
+            return
+        pair[1].close()
+        if streams.key is not None:
+            pool.closed(streams.key)
+
+    def _reacquire(self) -> None:
+        """A request on a lent connection: attach an idle one of this user, else wait for one
+        when the user has all connections allowed, else open a new one (a logon)."""
+        streams, pool, engine = self._streams, type(self).pool, self.engine
+        assert streams is not None and engine is not None
+        key = self._pool_key()
+        if pool is None or key is None:
+            engine.needs_new_connection()  # the engine explains why there is no identity
+            return
+        if key != streams.key:
+            log.info("[ntlm] %s -> %s: new user on this client connection (%s)",
+                     engine.client, engine.parent, key.creds.principal)
+            streams.key = key
+        entry = pool.take(key)
+        if entry is not None:
+            streams.attach(entry)
+            engine.resume_pooled(key.creds, entry.authenticated_at, entry.uses)
+        elif pool.full(key):
+            streams.wait_for(pool.wait(key))
+            engine.resume_pooled(key.creds, None, self._uses)
+        else:
+            engine.needs_new_connection()
 
     def pool_release(self, conn: connection.Connection, reader: Any,
                      writer: Any) -> PooledConnection | None:
@@ -182,20 +238,35 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                                 uses=self._uses)
 
     def _open_parent(self, conn: connection.Server,
-                     entry: PooledConnection | None = None) -> layer.CommandGenerator[str | None]:
-        """OpenConnection for a parent connection, on `entry`'s pooled streams if given; the
-        connection is registered so that closing it can return it to the pool."""
+                     key: PoolKey | None = None) -> layer.CommandGenerator[str | None]:
+        """OpenConnection for a parent connection. With `key` (plain http, pool on): an idle
+        connection of that parent and user is taken instead of connecting, or, when the user
+        already has all the connections allowed, one that comes free is waited for. The
+        connection is registered so that its socket can be lent to the pool between requests.
+        `self._adopted` tells whether a pooled connection was used."""
+        self._adopted = None
         releaser = self if self._may_return_to_pool() else None
+        pool = type(self).pool
         opening = None
-        if entry is not None or releaser is not None:
-            opening = _Opening(releaser, entry, type(self).pool)
+        if pool is not None and (releaser is not None or key is not None):
+            opening = _Opening(releaser, pool)
+            if key is not None:
+                opening.entry = pool.take(key)
+                if opening.entry is not None and releaser is None:
+                    pool.untrack(key, opening.entry.writer)  # a tunnel: no longer shared
+                elif opening.entry is None and releaser is not None:
+                    opening.key = key
+                    if pool.full(key):
+                        opening.wait = True
+                    else:  # counted from now on: other clients see it while it connects
+                        opening.reservation = pool.reserve(key)
             _OPENING[conn] = opening
         err = yield commands.OpenConnection(conn)
         unused = _OPENING.pop(conn, None)
-        if unused is not None and unused.entry is not None:  # never reached open_connection
-            unused.entry.writer.close()
+        if unused is not None:  # never reached open_connection
+            unused.release(close_entry=True)
         if opening is not None and opening.adopted and not err:
-            self._adopted = entry
+            self._adopted = opening.entry
         return err
 
     def _connect_request_head(self) -> layer.CommandGenerator[bytes]:
@@ -282,8 +353,12 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             and event.connection == self.tunnel_connection
             and self.engine.lost_before_answer()
         ):
-            # A pooled connection the parent had closed while it was idle: replay on a new one.
-            failure = yield from self._run(self._safely(self.engine.pooled_connection_lost))
+            # A pooled connection the parent had closed while it was idle, or no connection came
+            # free for a request that waited: replay on a new one.
+            streams = self._streams
+            why = streams.gave_up if streams is not None and streams.conn == event.connection \
+                else None
+            failure = yield from self._run(self._safely(self.engine.pooled_connection_lost, why))
             if failure and self.send_connect:
                 yield from self._abort_handshake(failure)
             return
@@ -359,8 +434,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             if number:
                 log.info("[ntlm] trying the next parent %s", human.format_address(spec[1]))
                 self.tunnel_connection = connection.Server(address=spec[1])
-            entry = self._checkout() if number == 0 else None
-            err = yield from self._open_parent(self.tunnel_connection, entry)
+            key = self._pool_key() if number == 0 else None
+            err = yield from self._open_parent(self.tunnel_connection, key)
             if not err:
                 if parents is not None:
                     parents.succeeded(spec)
@@ -385,14 +460,18 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
             yield from super().send_data(data)
-        else:
-            yield from self._run(self._safely(self.engine.from_child, data))
+            return
+        if self._streams is not None and self._streams.lent:
+            self._reacquire()
+        yield from self._run(self._safely(self.engine.from_child, data))
 
     def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
             yield from super().receive_data(data)
-        else:
-            yield from self._run(self._safely(self.engine.from_parent, data))
+            return
+        yield from self._run(self._safely(self.engine.from_parent, data))
+        if self._streams is not None and self.engine.reusable():
+            self._lend()
 
     def receive_close(self) -> layer.CommandGenerator[None]:
         if self.engine is not None and not self._tunnel_open:
@@ -457,9 +536,14 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             yield commands.CloseConnection(old)
         fresh = connection.Server(address=old.address)
         self.tunnel_connection = fresh
-        self._adopted = None
+        self._streams = None
         self._uses = 1
-        err = yield from self._open_parent(fresh)
+        err = yield from self._open_parent(fresh, self._pool_key())
+        entry = self._adopted
+        if entry is not None:  # the pool had one of this user after all: no logon
+            self._uses = entry.uses
+            return (yield from self._run(self._safely(
+                self.engine.reconnected_pooled, entry.key.creds, entry.authenticated_at)))
         return (yield from self._run(self._safely(self.engine.reconnected, err)))
 
 
@@ -470,51 +554,198 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 class _Opening:
     """What `_open_connection` should do for one parent `Server` our layer opens."""
 
-    releaser: NtlmUpstreamProxy | None  # decides at close whether the streams go to the pool
-    entry: PooledConnection | None  # pooled streams to use instead of connecting
-    pool: ParentPool | None
+    releaser: NtlmUpstreamProxy | None  # the layer that lends the socket between requests
+    pool: ParentPool
+    entry: PooledConnection | None = None  # pooled streams to use instead of connecting
+    key: PoolKey | None = None  # whose connection it is
+    wait: bool = False  # the user has all connections allowed: wait for one to come free
+    reservation: Reservation | None = None  # counts the connection while it connects
     adopted: bool = False
+
+    def release(self, close_entry: bool = False) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+        if close_entry and self.entry is not None and not self.adopted:
+            self.entry.writer.close()
 
 
 _OPENING: dict[connection.Connection, _Opening] = {}
-_RELEASERS: dict[connection.Connection, NtlmUpstreamProxy] = {}
+_OPENED: dict[connection.Connection, _Opening] = {}  # until handle_connection starts
 
 
-class _PoolableWriter:
-    """Stands in for a parent connection's StreamWriter in mitmproxy's transports: when
-    mitmproxy closes the connection, an idle authenticated one goes to the pool instead."""
+class _ParentStreams:
+    """The reader and writer mitmproxy holds for a plain-http parent connection of our layer.
 
-    def __init__(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                 conn: connection.Connection, releaser: NtlmUpstreamProxy) -> None:
-        self._writer = writer
-        self._reader = reader
-        self._conn = conn
-        self._releaser: NtlmUpstreamProxy | None = releaser
+    Behind them is one physical parent connection at a time: after each response the layer
+    lends it to the pool (`detach`), and before the next request it attaches whichever
+    connection the pool has for this user (`attach`), or waits for one (`wait_for`). mitmproxy
+    sees one server connection for the client's lifetime. When mitmproxy closes it, an idle
+    authenticated physical connection goes to the pool instead of being closed.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 conn: connection.Connection, layer_: NtlmUpstreamProxy) -> None:
+        self.conn = conn
+        self.layer: NtlmUpstreamProxy | None = layer_
+        self.key: PoolKey | None = None  # set by the layer: whose connections these are
+        self.phys_reader: asyncio.StreamReader | None = reader
+        self.phys_writer: asyncio.StreamWriter | None = writer
+        self._first_writer = writer  # for get_extra_info once nothing is attached
+        self.closed = False
+        self.gave_up: str | None = None  # waited in vain: the read side ends, the layer replays
         self._eof_sent = False
-        # the hot calls go straight to the writer (no __getattr__ on every send)
-        self.write = writer.write
-        self.is_closing = writer.is_closing
-        self.drain = writer.drain
+        self._in_read = False
+        self._pending = bytearray()  # written while waiting for a connection
+        self._waiter: Waiter | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self.reader = _StreamsReader(self)
+        self.writer = _StreamsWriter(self)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
+    @property
+    def lent(self) -> bool:
+        """Nothing attached: the last physical connection went back to the pool."""
+        return self.phys_writer is None and not self.closed
+
+    def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Give up the physical connection (the response is complete); None while mitmproxy
+        is inside a read of it (it stays attached then)."""
+        if self._in_read or self.closed or self.phys_writer is None or self._eof_sent:
+            return None
+        assert self.phys_reader is not None
+        pair = self.phys_reader, self.phys_writer
+        self.phys_reader = self.phys_writer = None
+        return pair
+
+    def attach(self, entry: PooledConnection) -> None:
+        self.phys_reader, self.phys_writer = entry.reader, entry.writer
+        if self._pending:
+            entry.writer.write(bytes(self._pending))
+            self._pending.clear()
+        self._wakeup()
+
+    def wait_for(self, waiter: Waiter) -> None:
+        """Requests are written ahead while the pool finds a connection (`waiter`)."""
+        self._waiter = waiter
+        self._wakeup()
+
+    def give_up(self, why: str) -> None:
+        self.gave_up = why
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            if self.closed or self.gave_up:
+                return b""
+            reader = self.phys_reader
+            if reader is not None:
+                self._in_read = True
+                try:
+                    return await reader.read(n)
+                finally:
+                    self._in_read = False
+            if self._waiter is not None:
+                entry = await self._await_waiter(self._waiter)
+                if entry is not None:
+                    self.attach(entry)
+                continue
+            self._wake = asyncio.get_running_loop().create_future()
+            await self._wake
+            self._wake = None
+
+    async def _await_waiter(self, waiter: Waiter) -> PooledConnection | None:
+        pool = NtlmUpstreamProxy.pool
+        timeout = pool.wait_timeout if pool is not None else 0.0
+        try:
+            async with asyncio.timeout(timeout):
+                entry = await waiter
+        except TimeoutError:
+            entry = None
+            if pool is not None:
+                pool.stats.wait_timeouts += 1
+            self.gave_up = f"no connection came free within {timeout:g} s"
+        finally:
+            self._waiter = None
+        if entry is None and not self.gave_up:
+            self.gave_up = "a connection closed, so a new one may be opened"
+        if entry is not None and (self.closed or self.gave_up):
+            entry.writer.close()
+            return None
+        return entry
+
+    def write(self, data: bytes) -> None:
+        writer = self.phys_writer
+        if writer is not None:
+            writer.write(data)
+        elif self._waiter is not None:
+            self._pending += data
+        elif not self.closed:  # pragma: no cover - the layer attaches before it writes
+            log.error("[ntlm] a request reached a lent parent connection; replaying it")
+            self.give_up("internal: nothing attached")
+
+    def is_closing(self) -> bool:
+        writer = self.phys_writer
+        return self.closed or (writer is not None and writer.is_closing())
+
+    async def drain(self) -> None:
+        writer = self.phys_writer
+        if writer is not None:
+            await writer.drain()
 
     def write_eof(self) -> None:
         self._eof_sent = True  # half-closed by us: never reusable
-        self._writer.write_eof()
+        if self.phys_writer is not None:
+            self.phys_writer.write_eof()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.phys_writer or self._first_writer).get_extra_info(name, default)
 
     def close(self) -> None:
-        releaser, self._releaser = self._releaser, None
+        if self.closed:
+            return
+        self.closed = True
+        layer_, self.layer = self.layer, None
+        if self._waiter is not None:
+            self._waiter.cancel()
+        self._wakeup()
+        reader, writer = self.phys_reader, self.phys_writer
+        self.phys_reader = self.phys_writer = None
+        if writer is None or reader is None:
+            return
         pool = NtlmUpstreamProxy.pool
         entry = None
-        if releaser is not None and pool is not None and not self._eof_sent:
+        if layer_ is not None and pool is not None and not self._eof_sent:
             try:
-                entry = releaser.pool_release(self._conn, self._reader, self._writer)
+                entry = layer_.pool_release(self.conn, reader, writer)
             except Exception:  # never let pooling break a close
                 log.exception("[ntlm] could not return a parent connection to the pool")
         if entry is not None and pool is not None and pool.put(entry):
             return
-        self._writer.close()
+        writer.close()
+        if pool is not None and self.key is not None:
+            pool.closed(self.key)
+
+
+class _StreamsReader:
+    """The `reader` mitmproxy's ConnectionHandler reads a parent connection from."""
+
+    def __init__(self, streams: _ParentStreams) -> None:
+        self.read = streams.read
+
+
+class _StreamsWriter:
+    """The `writer` mitmproxy's ConnectionHandler writes a parent connection to."""
+
+    def __init__(self, streams: _ParentStreams) -> None:
+        self.write = streams.write
+        self.is_closing = streams.is_closing
+        self.drain = streams.drain
+        self.write_eof = streams.write_eof
+        self.get_extra_info = streams.get_extra_info
+        self.close = streams.close
 
 
 async def _open_pooled(handler: server.ConnectionHandler, command: commands.OpenConnection,
@@ -558,36 +789,60 @@ async def _open_connection(self: server.ConnectionHandler,
     opening = _OPENING.pop(command.connection, None)
     if opening is None:
         return await _ORIGINAL_OPEN(self, command)
-    conn = command.connection
-    if opening.releaser is not None:
-        _RELEASERS[conn] = opening.releaser
+    conn, pool = command.connection, opening.pool
+    _OPENED[conn] = opening
     try:
-        entry, pool = opening.entry, opening.pool
-        if entry is not None and pool is not None:
-            try:
-                claimed = await pool.claim(entry)
-            except BaseException:  # cancelled (client gone) while waiting: do not leak it
-                entry.writer.close()
-                raise
-            if claimed:
+        if opening.wait and opening.key is not None:
+            opening.entry = pool.take(opening.key) or await _wait_for_connection(pool, opening.key)
+            if opening.entry is None:
+                opening.reservation = pool.reserve(opening.key)
+        entry = opening.entry
+        if entry is not None:
+            if entry.alive():
                 opening.adopted = True
                 return await _open_pooled(self, command, entry)
+            entry.writer.close()
+            pool.closed(entry.key)
             log.debug("[ntlm] the pooled connection to %s died; connecting", entry.key)
+            if opening.key is None:
+                opening.key = entry.key
+                opening.reservation = pool.reserve(entry.key)
         return await _ORIGINAL_OPEN(self, command)
+    except BaseException:
+        if opening.entry is not None and not opening.adopted:
+            opening.entry.writer.close()  # cancelled (client gone) while waiting: no leak
+        raise
     finally:
-        _RELEASERS.pop(conn, None)
+        _OPENED.pop(conn, None)
+        opening.release()
+
+
+async def _wait_for_connection(pool: ParentPool, key: PoolKey) -> PooledConnection | None:
+    """Every connection `key` may have is busy: wait for one, else (timeout) open another."""
+    waiter = pool.wait(key)
+    try:
+        async with asyncio.timeout(pool.wait_timeout):
+            return await waiter
+    except TimeoutError:
+        pool.stats.wait_timeouts += 1
+        log.info("[ntlm] no connection to %s came free within %g s; opening another",
+                 key, pool.wait_timeout)
+        return None
 
 
 async def _handle_connection(self: server.ConnectionHandler,
                              connection_: connection.Connection) -> None:
     """Wraps `ConnectionHandler.handle_connection`: our parent connections get a writer that
     can return them to the pool when mitmproxy closes them."""
-    releaser = _RELEASERS.get(connection_)
-    if releaser is not None:
+    opening = _OPENED.pop(connection_, None)
+    if opening is not None and opening.releaser is not None:
         io = self.transports.get(connection_)
         if (io is not None and isinstance(io.writer, asyncio.StreamWriter)
                 and isinstance(io.reader, asyncio.StreamReader)):
-            io.writer = _PoolableWriter(io.writer, io.reader, connection_, releaser)  # type: ignore[assignment]
+            streams = _ParentStreams(io.reader, io.writer, connection_, opening.releaser)
+            io.reader, io.writer = streams.reader, streams.writer  # type: ignore[assignment]
+            opening.releaser.streams_opened(streams)
+        opening.release()  # counted as a live connection from here on
     return await _ORIGINAL_HANDLE(self, connection_)
 
 

@@ -1,17 +1,21 @@
-"""A shared pool of idle, authenticated parent connections (what CNTLM and Px keep).
+"""A shared pool of authenticated parent connections, lent per request (as CNTLM and Px do).
 
 NTLM authenticates a TCP connection, and mitmproxy keeps server connections per client
 connection, so without a pool every new client connection costs a handshake: a logon at the
-domain controller and two extra round trips. This module only holds sockets; which connection
-may enter and how it is handed to a new client connection is `mitmproxy_internals`' business.
+domain controller and two extra round trips. This module only holds sockets and counts them;
+how a connection is lent to a request is `mitmproxy_internals`' business.
 
 Rules kept here:
 - entries are keyed by parent (scheme, address) and by the full identity (`Credentials`, hashes
   included): a connection authenticated as alice is never handed to a client of bob, nor to a
   client that claims to be alice with another password;
-- an idle entry is watched: EOF or any byte from the parent (a parent has nothing to say on an
-  idle keep-alive connection) or the idle timeout closes and drops it;
-- the pool is bounded: beyond `max_idle` the oldest idle connection is closed.
+- an idle entry is checked when taken (EOF, an error or any byte from the parent make it
+  unusable: a parent has nothing to say on an idle keep-alive connection) and by a sweeper
+  that closes dead and expired entries;
+- at most `max_idle` idle connections in all (the oldest is closed first);
+- at most `per_key` connections per parent and identity, busy or idle (0: no limit): a request
+  that finds them all busy waits for one (`wait`) instead of logging on again; `put` hands a
+  returned connection straight to the oldest waiter.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .credentials import Credentials
@@ -48,14 +52,12 @@ class PooledConnection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     authenticated_at: float  # wall clock, shown on flows that reuse the connection
-    uses: int = 1  # client connections served so far
+    uses: int = 1  # times it was handed out
     idle_since: float = field(default_factory=time.monotonic)
-    watcher: asyncio.Task[None] | None = None
 
     def alive(self) -> bool:
-        """Nothing seen from the parent since the connection went idle, and still open."""
-        if self.watcher is not None and self.watcher.done():
-            return False
+        """Still open and nothing received since it went idle. The transport keeps reading
+        without a pending read, so an EOF or a stray byte shows in the reader's state."""
         if self.writer.is_closing() or self.reader.at_eof() or self.reader.exception():
             return False
         return not getattr(self.reader, "_buffer", b"")  # bytes on an idle connection: unusable
@@ -63,47 +65,138 @@ class PooledConnection:
 
 @dataclass
 class PoolStats:
-    released: int = 0  # connections that entered the pool
-    reused: int = 0  # connections handed to a new client connection
+    released: int = 0  # connections that entered the pool (or went straight to a waiter)
+    reused: int = 0  # connections handed out again
     expired: int = 0  # idle timeout
     dead: int = 0  # closed by the parent (or sent stray bytes) while idle
     evicted: int = 0  # pool full
+    waited: int = 0  # requests that found every connection of their user busy and waited
+    wait_timeouts: int = 0  # ... and then opened another one
+
+
+Waiter = asyncio.Future[PooledConnection | None]
+
+
+class Reservation:
+    """Counts a connection that is being opened, so that clients arriving meanwhile see it."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+    def is_closing(self) -> bool:  # read as "no longer counts", like a closed writer
+        return self.released
 
 
 class ParentPool:
     """Idle authenticated parent connections, most recently used first per key."""
 
-    def __init__(self, idle_timeout: float, max_idle: int) -> None:
+    def __init__(self, idle_timeout: float, max_idle: int, per_key: int = 16,
+                 wait_timeout: float = 5.0) -> None:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.per_key = per_key
+        self.wait_timeout = wait_timeout
         self.stats = PoolStats()
         self._idle: dict[PoolKey, list[PooledConnection]] = {}
         self._order: OrderedDict[PooledConnection, None] = OrderedDict()  # oldest first
+        self._live: dict[PoolKey, set[asyncio.StreamWriter | Reservation]] = {}
+        self._waiters: dict[PoolKey, deque[Waiter]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._order)
 
+    # ------------------------------------------------------------ counting and waiting
+
+    def track(self, key: PoolKey, writer: asyncio.StreamWriter) -> None:
+        """Count a parent connection of `key` (busy or idle) until its writer closes."""
+        self._live.setdefault(key, set()).add(writer)
+
+    def untrack(self, key: PoolKey, writer: asyncio.StreamWriter) -> None:
+        """Stop counting a connection that left the shared use (it now carries a tunnel)."""
+        writers = self._live.get(key)
+        if writers is not None:
+            writers.discard(writer)
+
+    def reserve(self, key: PoolKey) -> Reservation:
+        """Count a connection of `key` that is being opened until `release()`."""
+        reservation = Reservation()
+        self._live.setdefault(key, set()).add(reservation)
+        return reservation
+
+    def live(self, key: PoolKey) -> int:
+        writers = self._live.get(key)
+        if not writers:
+            return 0
+        closed = [w for w in writers if w.is_closing()]
+        writers.difference_update(closed)
+        if not writers:
+            del self._live[key]
+            return 0
+        return len(writers)
+
+    def full(self, key: PoolKey) -> bool:
+        """Every connection `key` may have is open (and none idle: callers `take` first)."""
+        return self.per_key > 0 and self.live(key) >= self.per_key
+
+    def wait(self, key: PoolKey) -> Waiter:
+        """A future for the next connection of `key` that comes free (None: one closed, so a
+        new one may be opened). Cancel it to stop waiting."""
+        self.stats.waited += 1
+        fut: Waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, deque()).append(fut)
+        return fut
+
+    def closed(self, key: PoolKey) -> None:
+        """A connection of `key` closed without coming back: a waiter may open a new one."""
+        waiter = self._next_waiter(key)
+        if waiter is not None:
+            waiter.set_result(None)
+
+    def _next_waiter(self, key: PoolKey) -> Waiter | None:
+        queue = self._waiters.get(key)
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                if not queue:
+                    del self._waiters[key]
+                return fut
+        self._waiters.pop(key, None)
+        return None
+
+    # ------------------------------------------------------------ idle connections
+
     def put(self, entry: PooledConnection) -> bool:
-        """Keep an idle connection; False (and the caller closes it) when it cannot be kept."""
-        if self.max_idle <= 0 or self.idle_timeout <= 0 or not entry.alive():
+        """Keep an idle connection, or hand it to a waiter; False (and the caller closes it)
+        when it cannot be kept."""
+        if not entry.alive():
+            return False
+        waiter = self._next_waiter(entry.key)
+        if waiter is not None:
+            self.stats.released += 1
+            self.stats.reused += 1
+            entry.uses += 1
+            waiter.set_result(entry)
+            return True
+        if self.max_idle <= 0 or self.idle_timeout <= 0:
             return False
         while len(self._order) >= self.max_idle:
             oldest = next(iter(self._order))
             self._drop(oldest, "pool full")
             self.stats.evicted += 1
         entry.idle_since = time.monotonic()
-        entry.watcher = asyncio.get_running_loop().create_task(self._watch(entry))
         self._idle.setdefault(entry.key, []).append(entry)
         self._order[entry] = None
         self.stats.released += 1
-        log.debug("[ntlm] pooled the connection to %s (%d idle)", entry.key, len(self._order))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return True
 
     def take(self, key: PoolKey) -> PooledConnection | None:
-        """The most recently used live connection for `key`, removed from the pool.
-
-        Its watcher is cancelled; `claim()` waits for that before the streams are read again.
-        """
+        """The most recently used live connection for `key`, removed from the pool."""
         stack = self._idle.get(key)
         while stack:
             entry = stack.pop()
@@ -114,29 +207,22 @@ class ParentPool:
                 self._close(entry, "closed by the parent while idle")
                 self.stats.dead += 1
                 continue
-            if entry.watcher is not None:
-                entry.watcher.cancel()
             self.stats.reused += 1
             entry.uses += 1
             return entry
         return None
 
-    async def claim(self, entry: PooledConnection) -> bool:
-        """Wait until the idle watcher has let go of the streams; False if the connection died
-        meanwhile (it is then closed)."""
-        if entry.watcher is not None:
-            await asyncio.wait([entry.watcher])
-            if not entry.watcher.cancelled():
-                return False  # the watcher saw EOF/data first and closed it
-            entry.watcher = None
-        if not entry.alive():
-            self._close(entry, "closed by the parent while idle")
-            return False
-        return True
-
     def close_all(self) -> None:
         for entry in list(self._order):
             self._drop(entry, "pool closed")
+        for queue in self._waiters.values():
+            for fut in queue:
+                if not fut.done():
+                    fut.set_result(None)
+        self._waiters.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def _drop(self, entry: PooledConnection, reason: str) -> None:
         self._order.pop(entry, None)
@@ -146,29 +232,30 @@ class ParentPool:
             if not stack:
                 del self._idle[entry.key]
         self._close(entry, reason)
+        self.closed(entry.key)
 
     @staticmethod
     def _close(entry: PooledConnection, reason: str) -> None:
-        if entry.watcher is not None and not entry.watcher.done():
-            if entry.watcher is not asyncio.current_task():
-                entry.watcher.cancel()
         try:
             entry.writer.close()
         except Exception:  # pragma: no cover - closing a dead socket
             pass
         log.debug("[ntlm] closed a pooled connection to %s: %s", entry.key, reason)
 
-    async def _watch(self, entry: PooledConnection) -> None:
-        """Drop the entry on EOF, stray bytes or the idle timeout; cancelled by `take()`."""
-        try:
-            async with asyncio.timeout(self.idle_timeout):
-                data = await entry.reader.read(1)
-            reason = "unexpected data from the parent" if data else "closed by the parent"
-            self.stats.dead += 1
-        except TimeoutError:
-            reason = f"idle for {self.idle_timeout:g} s"
-            self.stats.expired += 1
-        except OSError as e:
-            reason = f"error: {e}"
-            self.stats.dead += 1
-        self._drop(entry, reason)
+    async def _sweep(self) -> None:
+        """Close idle connections the parent closed, that received stray bytes, or that were
+        idle too long; ends when the pool is empty."""
+        interval = max(0.05, min(1.0, self.idle_timeout / 4))
+        while self._order:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for entry in list(self._order):
+                if not entry.alive():
+                    reader = entry.reader
+                    data = bool(getattr(reader, "_buffer", b"")) and not reader.at_eof()
+                    self.stats.dead += 1
+                    self._drop(entry, "unexpected data from the parent" if data
+                               else "closed by the parent")
+                elif now - entry.idle_since >= self.idle_timeout:
+                    self.stats.expired += 1
+                    self._drop(entry, f"idle for {self.idle_timeout:g} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_HEAD = 64 * 1024
 """Largest message head accepted from a parent; more is treated as an attack or a bug."""
@@ -27,10 +27,17 @@ class Head:
     first: tuple[str, str, str]
     headers: list[tuple[str, str]]
     raw: bytes
+    # lower-cased name -> values, built once: every request and response is looked up
+    # several times (framing, keep-alive, auth headers)
+    _index: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
 
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for k, v in self.headers if k.lower() == lname]
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for k, v in self.headers:
+                index.setdefault(k.lower(), []).append(v)
+        return index.get(name.lower(), [])
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -38,7 +45,10 @@ class Head:
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of a header, lower-cased (Connection, Transfer-Encoding)."""
-        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
+        values = self.get_all(name)
+        if not values:
+            return set()
+        return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
     @property
     def status(self) -> int:
@@ -93,14 +103,17 @@ def parse_head(raw: bytes) -> Head:
     if len(first) != 3 or not first[0]:
         raise WireError(f"bad first line {lines[0][:60]!r}")
     headers: list[tuple[str, str]] = []
+    index: dict[str, list[str]] = {}
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.match(name):
             raise WireError(f"bad header line {line[:60]!r}")
-        headers.append((name, value.strip(" \t")))
-    return Head((first[0], first[1], first[2]), headers, raw)
+        value = value.strip(" \t")
+        headers.append((name, value))
+        index.setdefault(name.lower(), []).append(value)
+    return Head((first[0], first[1], first[2]), headers, raw, index)
 
 
 def parse_response_head(raw: bytes) -> Head:
@@ -284,7 +297,8 @@ def absolute_form(request: Head) -> Head:
     first = f"{method} http://{host}{target} {version}"
     lines = request.raw.split(b"\r\n", 1)
     raw = first.encode("latin-1") + b"\r\n" + lines[1]
-    return Head((method, f"http://{host}{target}", version), request.headers, raw)
+    return Head((method, f"http://{host}{target}", version), request.headers, raw,
+                request._index)
 
 
 def persistent(request: Head) -> Head:

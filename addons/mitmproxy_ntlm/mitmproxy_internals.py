@@ -798,6 +798,9 @@ async def _open_connection(self: server.ConnectionHandler,
                 opening.reservation = pool.reserve(opening.key)
         entry = opening.entry
         if entry is not None:
+            # mitmproxy 12 starts tasks eagerly: let server_event finish registering this
+            # connection (it sets transports[conn] after creating this task) before ours.
+            await asyncio.sleep(0)
             if entry.alive():
                 opening.adopted = True
                 return await _open_pooled(self, command, entry)

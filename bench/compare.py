@@ -106,6 +106,7 @@ class Config:
     connections: int = 10  # keep-alive and new-connection workloads
     children: int = 32  # Squid NTLM helpers
     profile: bool = False
+    profile_workloads: tuple[str, ...] = ("keepalive", "download")
     install_px: bool = True
     report: Path | None = None  # re-render an earlier compare.json instead of measuring
     transfer_limit: float = 180.0  # seconds a single transfer may take
@@ -956,7 +957,7 @@ def profile_addon(st: Stack, cfg: Config, log: Callable[[str], None]) -> None:
     """An extra, uncounted addon pass under cProfile (keep-alive GETs and a download)."""
     running = start_contender(st, cfg, "addon", cfg.out / "addon.prof")
     try:
-        for workload in ("keepalive", "download"):
+        for workload in cfg.profile_workloads:
             cell = measure(running, st, cfg, "addon", workload, -1)
             log(f"profile addon {workload:<17} " + brief(cell))
     finally:
@@ -1228,6 +1229,8 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--connections", type=int, default=10, help="client connections (default 10)")
     p.add_argument("--squid-children", type=int, default=32, help="NTLM helpers (default 32)")
     p.add_argument("--profile", action="store_true", help="then an extra cProfile'd addon pass")
+    p.add_argument("--profile-workloads", default="keepalive,download",
+                   help="what the profiled pass runs (default keepalive,download)")
     p.add_argument("--no-install-px", action="store_true", help="skip px unless installed")
     p.add_argument(
         "--report",
@@ -1257,6 +1260,7 @@ def parse_args(argv: list[str] | None) -> Config:
         connections=a.connections,
         children=a.squid_children,
         profile=a.profile,
+        profile_workloads=tuple(w for w in a.profile_workloads.split(",") if w),
         install_px=not a.no_install_px,
         report=a.report,
         transfer_limit=a.transfer_limit or (30.0 if a.quick else 180.0),

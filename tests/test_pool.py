@@ -116,25 +116,31 @@ def test_busy_users_wait_for_their_connections_instead_of_logging_on(mitm, make_
     assert all(len(u) == 1 for u in users_per_conn.values())
 
 
-def test_a_request_that_waits_in_vain_opens_another_connection(mitm, parent, origin):
-    # One connection allowed, and a slow download holds it: the kept-alive client's next
-    # request waits ntlm_pool_wait (1 s), then logs on again on a new connection.
+def test_a_request_that_waits_in_vain_opens_another_connection(mitm, parent, origin, tmp_path):
+    # One connection allowed, and a slow upload holds it (the request is not complete until
+    # the client has sent its body): the kept-alive client's next request waits
+    # ntlm_pool_wait (1 s), then logs on again on a new connection.
     m = mitm(parent.url, {**CREDS, "ntlm_pool_connections": 1, "ntlm_pool_wait": 1,
                           "stream_large_bodies": "1k"}, env=ENV)
     conn = keepalive_client(m)
     assert fetch(conn, f"{origin.url}/hello") == b"hello"  # its connection is lent again
-    slow = subprocess.Popen(["curl", "-s", "-x", m.url, "--limit-rate", "200k", "--max-time",
-                             "4", "-o", "/dev/null", f"{origin.url}/bytes/20000000"])
+    body = tmp_path / "body"
+    body.write_bytes(b"x" * 4_000_000)
+    slow = subprocess.Popen(["curl", "-s", "-x", m.url, "--limit-rate", "100k", "--max-time",
+                             "5", "-o", "/dev/null", "--data-binary", f"@{body}",
+                             f"{origin.url}/echo"])
     try:
-        assert m.wait_for("reused pooled connection")  # the download borrowed it
+        assert m.wait_for("reused pooled connection")  # the upload borrowed it
+        time.sleep(0.3)
         started = time.monotonic()
         assert fetch(conn, f"{origin.url}/hello?again") == b"hello"
         assert time.monotonic() - started >= 0.9  # it did wait for the busy connection
         assert m.wait_for("no connection came free within 1 s; opening a new one")
     finally:
-        slow.wait(10)
+        slow.wait(15)
     stats = parent.snapshot()
-    assert stats.type1_count == 2 and len([r for r in stats.requests if "hello" in r.target]) == 2
+    assert stats.type1_count == 2 and stats.connections == 2
+    assert len([r for r in stats.requests if "hello" in r.target]) == 2
 
 
 def test_pool_off_is_the_old_behaviour(mitm, parent, origin):

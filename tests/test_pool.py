@@ -4,8 +4,10 @@ processes reuse one NTLM logon, per user, with liveness checks and an idle timeo
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import io
+import json
 import subprocess
 import threading
 import time
@@ -114,6 +116,36 @@ def test_busy_users_wait_for_their_connections_instead_of_logging_on(mitm, make_
     for rec in stats.requests:
         users_per_conn.setdefault(rec.conn_id, set()).add(rec.user)
     assert all(len(u) == 1 for u in users_per_conn.values())
+
+
+def test_requests_with_bodies_wait_their_turn_intact(mitm, parent, origin):
+    # One connection for 4 busy clients sending bodies: a request that waits for the
+    # connection gets its head and body written ahead, in order, and takes its turn (the
+    # body arriving while it waits must not queue a second wait).
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_connections": 1}, env=ENV)
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        conn = keepalive_client(m)
+        for i in range(5):
+            body = bytes([65 + n]) * (20_000 + i)
+            conn.request("POST", f"{origin.url}/echo?n={n}-{i}", body=body)
+            info = json.loads(conn.getresponse().read())
+            if info["sha256"] != hashlib.sha256(body).hexdigest():
+                errors.append(f"{n}-{i}: {info}")
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert time.monotonic() - started < 5  # nobody waited out ntlm_pool_wait
+    stats = parent.snapshot()
+    assert len(stats.requests) == 20
+    assert stats.type1_count == 1 and stats.connections == 1
 
 
 def test_a_request_that_waits_in_vain_opens_another_connection(mitm, parent, origin, tmp_path):

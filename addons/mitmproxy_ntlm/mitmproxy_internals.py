@@ -603,8 +603,10 @@ class _ParentStreams:
 
     @property
     def lent(self) -> bool:
-        """Nothing attached: the last physical connection went back to the pool."""
-        return self.phys_writer is None and not self.closed
+        """Nothing attached and nothing asked for: the last physical connection went back to
+        the pool. (While the pool finds one, the rest of the request is written ahead.)"""
+        return (self.phys_writer is None and self._waiter is None and not self.closed
+                and not self.gave_up)
 
     def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """Give up the physical connection (the response is complete); None while mitmproxy
@@ -682,6 +684,8 @@ class _ParentStreams:
             writer.write(data)
         elif self._waiter is not None:
             self._pending += data
+        elif self.gave_up:
+            pass  # the layer replays the whole request on a new connection
         elif not self.closed:  # pragma: no cover - the layer attaches before it writes
             log.error("[ntlm] a request reached a lent parent connection; replaying it")
             self.give_up("internal: nothing attached")

@@ -255,9 +255,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                 if opening.entry is not None and releaser is None:
                     pool.untrack(key, opening.entry.writer)  # a tunnel: no longer shared
                 elif opening.entry is None and releaser is not None:
-                    opening.key = key
                     if pool.full(key):
-                        opening.wait = True
+                        opening.wait_for = key
                     else:  # counted from now on: other clients see it while it connects
                         opening.reservation = pool.reserve(key)
             _OPENING[conn] = opening
@@ -557,8 +556,7 @@ class _Opening:
     releaser: NtlmUpstreamProxy | None  # the layer that lends the socket between requests
     pool: ParentPool
     entry: PooledConnection | None = None  # pooled streams to use instead of connecting
-    key: PoolKey | None = None  # whose connection it is
-    wait: bool = False  # the user has all connections allowed: wait for one to come free
+    wait_for: PoolKey | None = None  # this user has all connections allowed: wait for one
     reservation: Reservation | None = None  # counts the connection while it connects
     adopted: bool = False
 
@@ -796,10 +794,11 @@ async def _open_connection(self: server.ConnectionHandler,
     conn, pool = command.connection, opening.pool
     _OPENED[conn] = opening
     try:
-        if opening.wait and opening.key is not None:
-            opening.entry = pool.take(opening.key) or await _wait_for_connection(pool, opening.key)
+        if opening.wait_for is not None:
+            key = opening.wait_for
+            opening.entry = pool.take(key) or await _wait_for_connection(pool, key)
             if opening.entry is None:
-                opening.reservation = pool.reserve(opening.key)
+                opening.reservation = pool.reserve(key)
         entry = opening.entry
         if entry is not None:
             # mitmproxy 12 starts tasks eagerly: let server_event finish registering this
@@ -811,8 +810,7 @@ async def _open_connection(self: server.ConnectionHandler,
             entry.writer.close()
             pool.closed(entry.key)
             log.debug("[ntlm] the pooled connection to %s died; connecting", entry.key)
-            if opening.key is None:
-                opening.key = entry.key
+            if opening.releaser is not None:  # counted while it connects; a tunnel never is
                 opening.reservation = pool.reserve(entry.key)
         return await _ORIGINAL_OPEN(self, command)
     except BaseException:

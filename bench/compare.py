@@ -1229,8 +1229,9 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--connections", type=int, default=10, help="client connections (default 10)")
     p.add_argument("--squid-children", type=int, default=32, help="NTLM helpers (default 32)")
     p.add_argument("--profile", action="store_true", help="then an extra cProfile'd addon pass")
-    p.add_argument("--profile-workloads", default="keepalive,download",
-                   help="what the profiled pass runs (default keepalive,download)")
+    default_profiled = ",".join(Config.profile_workloads)
+    p.add_argument("--profile-workloads", default=default_profiled,
+                   help=f"what the profiled pass runs (default {default_profiled})")
     p.add_argument("--no-install-px", action="store_true", help="skip px unless installed")
     p.add_argument(
         "--report",

@@ -91,11 +91,11 @@ def test_busy_users_wait_for_their_connections_instead_of_logging_on(mitm, make_
 
     def client(n: int) -> None:
         user, password = list(USERS.items())[n % 2]
-        auth = "Basic " + base64.b64encode(f"{user.split(chr(92))[1]}:{password}".encode()
-                                           ).decode()
+        name = user.split("\\")[1]
+        auth = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
         conn = keepalive_client(m)
         for i in range(6):
-            body = fetch(conn, f"{origin.url}/hello?as={user.split(chr(92))[1]}&n={n}-{i}",
+            body = fetch(conn, f"{origin.url}/hello?as={name}&n={n}-{i}",
                          {"Proxy-Authorization": auth})
             if body != b"hello":
                 errors.append(f"{user}: {body[:200]!r}")

@@ -807,17 +807,14 @@ class AuthEngine:
             return self._fail(f"Cannot reconnect to the {self.target.name} {self.parent}: {err}")
         return self._start_legs()
 
-    def reconnected_pooled(self, creds: Credentials, authenticated_at: float) -> list[Action]:
+    def reconnected_pooled(self, creds: Credentials, authenticated_at: float,
+                           uses: int) -> list[Action]:
         """The connection asked for by Reconnect came from the pool: the request goes as it
         is, without legs."""
         assert self._req is not None
         self._resp_in.clear()
         self._skip = None
-        self.state = ConnState.AUTHENTICATED
-        self.creds = creds
-        self.authenticated_at = authenticated_at
-        self.reused = True
-        self._answered = False
+        self.resume_pooled(creds, authenticated_at, uses)
         self.phase = Phase.PLAIN
         return self._with_body(self._req.raw)
 

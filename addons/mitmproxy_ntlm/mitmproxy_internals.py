@@ -194,11 +194,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if pair is None:
             return
         entry = self.pool_release(streams.conn, *pair)
-        if entry is not None and pool.put(entry):
-            return
-        pair[1].close()
-        if streams.key is not None:
-            pool.closed(streams.key)
+        if entry is None or not pool.put(entry):
+            pool.discard(streams.key, pair[1])
 
     def _reacquire(self) -> None:
         """A request on a lent connection: attach an idle one of this user, else wait for one
@@ -542,7 +539,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if entry is not None:  # the pool had one of this user after all: no logon
             self._uses = entry.uses
             return (yield from self._run(self._safely(
-                self.engine.reconnected_pooled, entry.key.creds, entry.authenticated_at)))
+                self.engine.reconnected_pooled, entry.key.creds, entry.authenticated_at,
+                entry.uses)))
         return (yield from self._run(self._safely(self.engine.reconnected, err)))
 
 
@@ -564,7 +562,7 @@ class _Opening:
         if self.reservation is not None:
             self.reservation.release()
         if close_entry and self.entry is not None and not self.adopted:
-            self.entry.writer.close()
+            self.pool.discard(self.entry.key, self.entry.writer)
 
 
 _OPENING: dict[connection.Connection, _Opening] = {}
@@ -572,7 +570,8 @@ _OPENED: dict[connection.Connection, _Opening] = {}  # until handle_connection s
 
 
 class _ParentStreams:
-    """The reader and writer mitmproxy holds for a plain-http parent connection of our layer.
+    """The reader and writer (one object, as mitmproxy_rs streams are) that mitmproxy holds
+    for a plain-http parent connection of our layer.
 
     Behind them is one physical parent connection at a time: after each response the layer
     lends it to the pool (`detach`), and before the next request it attaches whichever
@@ -596,8 +595,6 @@ class _ParentStreams:
         self._pending = bytearray()  # written while waiting for a connection
         self._waiter: Waiter | None = None
         self._wake: asyncio.Future[None] | None = None
-        self.reader = _StreamsReader(self)
-        self.writer = _StreamsWriter(self)
 
     @property
     def lent(self) -> bool:
@@ -658,21 +655,16 @@ class _ParentStreams:
 
     async def _await_waiter(self, waiter: Waiter) -> PooledConnection | None:
         pool = NtlmUpstreamProxy.pool
-        timeout = pool.wait_timeout if pool is not None else 0.0
         try:
-            async with asyncio.timeout(timeout):
-                entry = await waiter
-        except TimeoutError:
-            entry = None
-            if pool is not None:
-                pool.stats.wait_timeouts += 1
-            self.gave_up = f"no connection came free within {timeout:g} s"
+            entry = await pool.next_free(waiter) if pool is not None else None
         finally:
             self._waiter = None
-        if entry is None and not self.gave_up:
-            self.gave_up = "a connection closed, so a new one may be opened"
-        if entry is not None and (self.closed or self.gave_up):
-            entry.writer.close()
+        if entry is None:
+            self.gave_up = (f"no connection came free within {pool.wait_timeout:g} s"
+                            if pool is not None and waiter.cancelled()
+                            else "a connection closed, so a new one may be opened")
+        elif self.closed and pool is not None:
+            pool.discard(entry.key, entry.writer)
             return None
         return entry
 
@@ -724,30 +716,10 @@ class _ParentStreams:
                 entry = layer_.pool_release(self.conn, reader, writer)
             except Exception:  # never let pooling break a close
                 log.exception("[ntlm] could not return a parent connection to the pool")
-        if entry is not None and pool is not None and pool.put(entry):
-            return
-        writer.close()
-        if pool is not None and self.key is not None:
-            pool.closed(self.key)
-
-
-class _StreamsReader:
-    """The `reader` mitmproxy's ConnectionHandler reads a parent connection from."""
-
-    def __init__(self, streams: _ParentStreams) -> None:
-        self.read = streams.read
-
-
-class _StreamsWriter:
-    """The `writer` mitmproxy's ConnectionHandler writes a parent connection to."""
-
-    def __init__(self, streams: _ParentStreams) -> None:
-        self.write = streams.write
-        self.is_closing = streams.is_closing
-        self.drain = streams.drain
-        self.write_eof = streams.write_eof
-        self.get_extra_info = streams.get_extra_info
-        self.close = streams.close
+        if pool is None:
+            writer.close()
+        elif entry is None or not pool.put(entry):
+            pool.discard(self.key, writer)
 
 
 async def _open_pooled(handler: server.ConnectionHandler, command: commands.OpenConnection,
@@ -807,15 +779,13 @@ async def _open_connection(self: server.ConnectionHandler,
             if entry.alive():
                 opening.adopted = True
                 return await _open_pooled(self, command, entry)
-            entry.writer.close()
-            pool.closed(entry.key)
+            pool.discard(entry.key, entry.writer)
             log.debug("[ntlm] the pooled connection to %s died; connecting", entry.key)
             if opening.releaser is not None:  # counted while it connects; a tunnel never is
                 opening.reservation = pool.reserve(entry.key)
         return await _ORIGINAL_OPEN(self, command)
     except BaseException:
-        if opening.entry is not None and not opening.adopted:
-            opening.entry.writer.close()  # cancelled (client gone) while waiting: no leak
+        opening.release(close_entry=True)  # cancelled (client gone) while waiting: no leak
         raise
     finally:
         _OPENED.pop(conn, None)
@@ -825,14 +795,11 @@ async def _open_connection(self: server.ConnectionHandler,
 async def _wait_for_connection(pool: ParentPool, key: PoolKey) -> PooledConnection | None:
     """Every connection `key` may have is busy: wait for one, else (timeout) open another."""
     waiter = pool.wait(key)
-    try:
-        async with asyncio.timeout(pool.wait_timeout):
-            return await waiter
-    except TimeoutError:
-        pool.stats.wait_timeouts += 1
+    entry = await pool.next_free(waiter)
+    if entry is None and waiter.cancelled():
         log.info("[ntlm] no connection to %s came free within %g s; opening another",
                  key, pool.wait_timeout)
-        return None
+    return entry
 
 
 async def _handle_connection(self: server.ConnectionHandler,
@@ -845,7 +812,7 @@ async def _handle_connection(self: server.ConnectionHandler,
         if (io is not None and isinstance(io.writer, asyncio.StreamWriter)
                 and isinstance(io.reader, asyncio.StreamReader)):
             streams = _ParentStreams(io.reader, io.writer, connection_, opening.releaser)
-            io.reader, io.writer = streams.reader, streams.writer  # type: ignore[assignment]
+            io.reader = io.writer = streams  # type: ignore[assignment]
             opening.releaser.streams_opened(streams)
         opening.release()  # counted as a live connection from here on
     return await _ORIGINAL_HANDLE(self, connection_)

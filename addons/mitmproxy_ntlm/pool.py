@@ -150,11 +150,27 @@ class ParentPool:
         self._waiters.setdefault(key, deque()).append(fut)
         return fut
 
+    async def next_free(self, waiter: Waiter) -> PooledConnection | None:
+        """What `waiter` receives: a connection, or None when one closed (a new one may be
+        opened) or when none came free within `wait_timeout` (then `waiter.cancelled()`)."""
+        try:
+            async with asyncio.timeout(self.wait_timeout):
+                return await waiter
+        except TimeoutError:
+            self.stats.wait_timeouts += 1
+            return None
+
     def closed(self, key: PoolKey) -> None:
         """A connection of `key` closed without coming back: a waiter may open a new one."""
         waiter = self._next_waiter(key)
         if waiter is not None:
             waiter.set_result(None)
+
+    def discard(self, key: PoolKey | None, writer: asyncio.StreamWriter) -> None:
+        """Close a connection that does not come back, and tell a waiter of `key`."""
+        writer.close()
+        if key is not None:
+            self.closed(key)
 
     def _next_waiter(self, key: PoolKey) -> Waiter | None:
         queue = self._waiters.get(key)

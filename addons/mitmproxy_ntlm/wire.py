@@ -45,10 +45,7 @@ class Head:
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of a header, lower-cased (Connection, Transfer-Encoding)."""
-        values = self.get_all(name)
-        if not values:
-            return set()
-        return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
 
     @property
     def status(self) -> int:
@@ -103,17 +100,14 @@ def parse_head(raw: bytes) -> Head:
     if len(first) != 3 or not first[0]:
         raise WireError(f"bad first line {lines[0][:60]!r}")
     headers: list[tuple[str, str]] = []
-    index: dict[str, list[str]] = {}
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.match(name):
             raise WireError(f"bad header line {line[:60]!r}")
-        value = value.strip(" \t")
-        headers.append((name, value))
-        index.setdefault(name.lower(), []).append(value)
-    return Head((first[0], first[1], first[2]), headers, raw, index)
+        headers.append((name, value.strip(" \t")))
+    return Head((first[0], first[1], first[2]), headers, raw)
 
 
 def parse_response_head(raw: bytes) -> Head:

@@ -52,7 +52,7 @@ class PooledConnection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     authenticated_at: float  # wall clock, shown on flows that reuse the connection
-    uses: int = 1  # times it was handed out
+    uses: int = 1  # times it was lent (to requests or client connections)
     idle_since: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:

@@ -102,12 +102,13 @@ class HandshakeTrace:
         self._stage("Type 3 sent", summary, logging.DEBUG)
 
     def reused_pooled(self, authenticated_at: float, uses: int) -> None:
-        """No handshake: the connection came from the pool, authenticated earlier."""
+        """No handshake: the connection came from the pool, authenticated earlier and lent
+        `uses` times so far (to requests of any client connection of the same user)."""
         self.authenticated_at = authenticated_at
         self.result = "reused"
         self._stage("reused pooled connection",
                     {"user": self.principal or "-", "authenticated_at": self._when(),
-                     "client_connections": uses}, logging.DEBUG)
+                     "times_lent": uses}, logging.DEBUG)
 
     def _when(self) -> str:
         if self.authenticated_at is None:

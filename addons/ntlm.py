@@ -7,6 +7,9 @@ Works from a checkout (mitmproxy puts this folder on sys.path while loading the 
 with the package installed (`pip install .`).
 """
 
-from mitmproxy_ntlm.script import addons
+from mitmproxy_ntlm.script import absent_hooks, addons
+
+# mitmproxy looks every hook up on this module for every event; see absent_hooks.
+globals().update(absent_hooks(globals()))
 
 __all__ = ["addons"]

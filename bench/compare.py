@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -436,9 +436,12 @@ def mitmdump_bin() -> str:
 
 
 def start_mitmdump(
-    st: Stack, cfg: Config, name: str, addon: bool, passthrough: bool, profile: Path | None
+    st: Stack, cfg: Config, name: str, addon: bool, passthrough: bool, profile: Path | None,
+    wrap: Sequence[str] = (), start_timeout: float = 60,
 ) -> Running:
-    """mitmdump in upstream mode; with the addon against NTLM Squid, stock against open Squid."""
+    """mitmdump in upstream mode; with the addon against NTLM Squid, stock against open Squid.
+
+    ``wrap`` runs its Python under another program (bench/instructions.py: valgrind)."""
     confdir = st.workdir / f"mitm-{name}"
     confdir.mkdir(exist_ok=True)
     parent = st.squid_ntlm.url if addon else st.squid_open.url
@@ -446,6 +449,8 @@ def start_mitmdump(
     cmd = [mitmdump_bin()]
     if profile is not None:
         cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), *cmd]
+    elif wrap:
+        cmd = [*wrap, sys.executable, *cmd]
     if addon:
         cmd += ["-s", str(ADDON)]
     cmd += ["--listen-host", "127.0.0.1", "-p", str(port), "--mode", f"upstream:{parent}"]
@@ -467,7 +472,7 @@ def start_mitmdump(
     env["BENCH_PW"] = PASSWORD
     proc = spawn(cmd, st.workdir / f"{name}.log", env=env, cwd=st.workdir)
     try:
-        wait_port(port, 60, proc)
+        wait_port(port, start_timeout, proc)
     except (RuntimeError, TimeoutError) as e:
         stop_proc(proc)
         raise RuntimeError(f"{name}: {e}: {tail(st.workdir / f'{name}.log')}") from e

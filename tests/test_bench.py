@@ -1,4 +1,5 @@
-"""bench/compare.py runs end to end in its quickest mode and reports every installed contender.
+"""bench/compare.py runs end to end in its quickest mode and reports every installed contender;
+bench/instructions.py counts instructions per request.
 
 No timing assertions: the numbers are machine-relative. What is checked could fail: the stack
 starts, each contender either has measured rows or a stated reason for being skipped, the
@@ -76,3 +77,23 @@ def test_addon_row_counts_handshakes_and_answers(bench_run: tuple[Path, dict]) -
     assert download["requests"] == 1 and download["mbps"] > 0
     # The stock mitmdump goes to the parent without auth: no handshakes counted for it.
     assert cells["mitmdump", "keepalive"]["handshakes"] == 0
+
+
+def test_instruction_counts(tmp_path: Path) -> None:
+    """bench/instructions.py counts instructions per request under valgrind for both rows."""
+    missing = [t for t in (*TOOLS, "valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    out = tmp_path / "instructions.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "instructions.py"), "--requests", "20",
+         "--only", "keepalive", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    # No request passes through mitmproxy in fewer than a million instructions: a smaller
+    # figure means the counting window missed the requests.
+    for name in ("mitmdump", "addon"):
+        assert results[name]["keepalive"] > 1e6, results
+    assert "| keepalive |" in proc.stdout

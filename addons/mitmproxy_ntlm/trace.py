@@ -39,6 +39,9 @@ class HandshakeTrace:
     emitted: bool = False
     key: str = ""  # id of the mitmproxy connection the flows use (flow.server_conn.id)
     authenticated_at: float | None = None  # wall clock; set for a reused pooled connection
+    total_ms: float | None = None  # the exchange's duration, fixed when it ends
+    # comment and metadata for the flows, made once per result (every request shows them)
+    _summary: tuple[str, str, dict[str, Any]] | None = field(default=None, repr=False)
 
     def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
         now = time.monotonic()
@@ -106,6 +109,7 @@ class HandshakeTrace:
         `uses` times so far (to requests of any client connection of the same user)."""
         self.authenticated_at = authenticated_at
         self.result = "reused"
+        self.total_ms = round(self.elapsed_ms, 1)
         self._stage("reused pooled connection",
                     {"user": self.principal or "-", "authenticated_at": self._when(),
                      "times_lent": uses}, logging.DEBUG)
@@ -117,11 +121,15 @@ class HandshakeTrace:
 
     def finish(self, result: str, level: int = logging.INFO) -> None:
         self.result = result
+        self.total_ms = round(self.elapsed_ms, 1)
         self._stage("result", {"result": result, "user": self.principal or "-",
-                               "total_ms": round(self.elapsed_ms, 1)}, level)
+                               "total_ms": self.total_ms}, level)
 
     @property
     def elapsed_ms(self) -> float:
+        """How long the exchange took (so far, while it runs)."""
+        if self.total_ms is not None:
+            return self.total_ms
         return (time.monotonic() - self.started) * 1000
 
     @property
@@ -130,6 +138,20 @@ class HandshakeTrace:
 
     def comment(self) -> str:
         """One line for mitmweb's comment field."""
+        return self._summarized()[1]
+
+    def metadata(self) -> dict[str, Any]:
+        """`flow.metadata["ntlm"]`: a dict of its own per flow (the stages list is shared)."""
+        return dict(self._summarized()[2])
+
+    def _summarized(self) -> tuple[str, str, dict[str, Any]]:
+        summary = self._summary
+        if summary is None or summary[0] != self.result or self.result == "pending":
+            summary = (self.result, self._comment(), self._metadata())
+            self._summary = summary
+        return summary
+
+    def _comment(self) -> str:
         if self.result == "authenticated":
             legs = "1 leg" if self.legs == 1 else f"{self.legs} legs"
             return (f"{self.dialect or 'NTLM'} as {self.principal} via {self.parent}, "
@@ -143,7 +165,7 @@ class HandshakeTrace:
             return f"parent {self.parent} rejected credentials for {self.principal}"
         return f"NTLM to {self.parent} {self.result}"
 
-    def metadata(self) -> dict[str, Any]:
+    def _metadata(self) -> dict[str, Any]:
         return {
             "parent": self.parent,
             "principal": self.principal,

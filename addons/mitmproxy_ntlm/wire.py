@@ -30,14 +30,21 @@ class Head:
     # lower-cased name -> values, built once: every request and response is looked up
     # several times (framing, keep-alive, auth headers)
     _index: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+    _keeps_alive: bool | None = field(default=None, repr=False, compare=False)
 
     def get_all(self, name: str) -> list[str]:
+        """Values of a header, in order."""
         index = self._index
         if index is None:
             index = self._index = {}
             for k, v in self.headers:
-                index.setdefault(k.lower(), []).append(v)
-        return index.get(name.lower(), [])
+                k = k.lower()
+                values = index.get(k)
+                if values is None:
+                    index[k] = [v]
+                else:
+                    values.append(v)
+        return index.get(name.lower(), _NONE)
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -45,7 +52,10 @@ class Head:
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of a header, lower-cased (Connection, Transfer-Encoding)."""
-        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
+        values = self.get_all(name)
+        if not values:
+            return set()
+        return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
     @property
     def status(self) -> int:
@@ -60,12 +70,15 @@ class Head:
 
     def keeps_alive(self) -> bool:
         """HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 only with keep-alive."""
-        conn = self.tokens("connection") | self.tokens("proxy-connection")
-        if "close" in conn:
-            return False
-        if self.version == "HTTP/1.0":
-            return "keep-alive" in conn
-        return True
+        if self._keeps_alive is None:
+            conn = self.tokens("connection") | self.tokens("proxy-connection")
+            if "close" in conn:
+                self._keeps_alive = False
+            elif self.version == "HTTP/1.0":
+                self._keeps_alive = "keep-alive" in conn
+            else:
+                self._keeps_alive = True
+        return self._keeps_alive
 
 
 def split_head(buf: bytearray) -> bytes | None:
@@ -86,13 +99,11 @@ def split_head(buf: bytearray) -> bytes | None:
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_NONE: list[str] = []  # get_all of an absent header (never mutated)
 
 
 def parse_head(raw: bytes) -> Head:
-    try:
-        text = raw.decode("iso-8859-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise WireError("undecodable head") from None
+    text = raw.decode("iso-8859-1")  # decodes every byte
     lines = text.split("\r\n")
     first = lines[0].split(" ", 2)
     if len(first) == 2:
@@ -100,14 +111,22 @@ def parse_head(raw: bytes) -> Head:
     if len(first) != 3 or not first[0]:
         raise WireError(f"bad first line {lines[0][:60]!r}")
     headers: list[tuple[str, str]] = []
+    index: dict[str, list[str]] = {}  # built here: every head is looked up several times
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.match(name):
             raise WireError(f"bad header line {line[:60]!r}")
-        headers.append((name, value.strip(" \t")))
-    return Head((first[0], first[1], first[2]), headers, raw)
+        value = value.strip(" \t")
+        headers.append((name, value))
+        key = name.lower()
+        values = index.get(key)
+        if values is None:
+            index[key] = [value]
+        else:
+            values.append(value)
+    return Head((first[0], first[1], first[2]), headers, raw, index)
 
 
 def parse_response_head(raw: bytes) -> Head:
@@ -216,9 +235,10 @@ def request_framer(head: Head) -> BodyFramer:
 
 
 def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
-    if "chunked" in head.tokens("transfer-encoding"):
+    if head.get_all("transfer-encoding") and "chunked" in head.tokens("transfer-encoding"):
         return BodyFramer(None, chunked=True)
-    lengths = {v.strip() for v in head.get_all("content-length")}
+    values = head.get_all("content-length")
+    lengths = {values[0].strip()} if len(values) == 1 else {v.strip() for v in values}
     if len(lengths) > 1:
         raise WireError("conflicting Content-Length headers")
     if lengths:
@@ -303,9 +323,9 @@ def persistent(request: Head) -> Head:
     and the handshake cannot complete. mitmproxy still closes (or the pool keeps) the
     connection itself after the response, as the client asked. Other Connection tokens stay.
     """
-    tokens = request.tokens("connection") | request.tokens("proxy-connection")
-    if "close" not in tokens and (request.version != "HTTP/1.0" or "keep-alive" in tokens):
+    if request.keeps_alive():
         return request
+    tokens = request.tokens("connection") | request.tokens("proxy-connection")
     keep = sorted((tokens - {"close", "keep-alive"}) | {"keep-alive"})
     return parse_request_head(set_header(request.raw, "Connection", ", ".join(keep),
                                          also_remove=("Proxy-Connection",)))

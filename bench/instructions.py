@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -73,10 +75,10 @@ async def _client(port: int, url: str, conns: int, per_conn: int, concurrency: i
     return sum(await asyncio.gather(*(one() for _ in range(conns))))
 
 
-def load(workload: str, port: int, url: str, requests: int) -> int:
+def load(workload: str, port: int, url: str, requests: int, connections: int = 10) -> int:
     """Run one workload of about ``requests`` GETs; returns how many were served."""
     if workload == "keepalive":
-        shape = (10, max(1, requests // 10), 10)
+        shape = (connections, max(1, requests // connections), connections)
     elif workload == "newconn":
         shape = (requests, 1, 10)
     elif workload == "c200":
@@ -104,11 +106,20 @@ def dumped_total(outfile: Path, before: set[Path]) -> tuple[int, Path]:
     raise RuntimeError(f"no callgrind dump appeared next to {outfile}")
 
 
-def measure(st: Stack, cfg: Config, name: str, workloads: list[str], requests: int,
-            log: Callable[[str], None], keep: Path | None) -> dict[str, float]:
-    """Instructions per request of one contender for each workload (``keep``: a directory
-    for the callgrind dumps, for ``callgrind_annotate``)."""
-    outfile = st.workdir / f"callgrind-{name}.out"
+@dataclasses.dataclass
+class Settings:
+    """What one contender's pass runs."""
+
+    workloads: list[str]
+    requests: int
+    connections: int  # keep-alive client connections
+    keep: Path | None  # a directory for the callgrind dumps (``callgrind_annotate``)
+
+
+def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
+            log: Callable[[str], None]) -> dict[str, float]:
+    """Instructions per request of one contender for each workload."""
+    outfile = st.workdir / f"callgrind-{name}-{round_}.out"
     wrap = [*CALLGRIND, f"--callgrind-out-file={outfile}"]
     running: Running = start_mitmdump(st, cfg, name, addon=name == "addon", passthrough=False,
                                       profile=None, wrap=wrap, start_timeout=600)  # fmt: skip
@@ -117,35 +128,58 @@ def measure(st: Stack, cfg: Config, name: str, workloads: list[str], requests: i
     url = st.nginx.url("/small")
     result: dict[str, float] = {}
     try:
-        for workload in workloads:
-            load(workload, port, url, max(20, requests // 10))  # warm-up: imports, logon, pool
+        for workload in run.workloads:
+            # warm-up: imports, logon, pool
+            load(workload, port, url, max(20, run.requests // 10), run.connections)
             before = set(outfile.parent.glob(outfile.name + "*"))
             handshakes = st.handshakes()
             callgrind_control(running.pid, "--instr=on")
-            served = load(workload, port, url, requests)
+            served = load(workload, port, url, run.requests, run.connections)
             callgrind_control(running.pid, "--instr=off")
             callgrind_control(running.pid, "--dump")
             total, dump = dumped_total(outfile, before)
             time.sleep(0.3)  # squid logs a transaction when it ends
             handshakes = st.handshakes() - handshakes
             result[workload] = total / served
-            log(f"{name:<9} {workload:<10} {served} requests, {total / served / 1e6:.3f} M "
-                f"instructions per request, {handshakes} NTLM logons")
-            if keep is not None:
-                keep.mkdir(parents=True, exist_ok=True)
-                shutil.copy(dump, keep / f"callgrind.{name}.{workload}")
+            log(f"round {round_ + 1} {name:<9} {workload:<10} {served} requests, "
+                f"{total / served / 1e6:.3f} M instructions per request, "
+                f"{handshakes} NTLM logons")
+            if run.keep is not None:
+                run.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, run.keep / f"callgrind.{name}.{workload}.{round_ + 1}")
     finally:
         running.stop()
     return result
 
 
-def _m(instructions: float | None) -> str:
-    return "-" if instructions is None else f"{instructions / 1e6:.3f}"
+def _m(values: list[float]) -> str:
+    """Median in millions, with the range over rounds."""
+    if not values:
+        return "-"
+    text = f"{statistics.median(values) / 1e6:.3f}"
+    if len(values) > 1:
+        text += f" ({min(values) / 1e6:.3f}-{max(values) / 1e6:.3f})"
+    return text
+
+
+def _ratio(stock: list[float], addon: list[float]) -> str:
+    """Median of the per-round ratios addon/stock, with their range."""
+    ratios = [a / s for s, a in zip(stock, addon, strict=False)]
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.3f}"
+    if len(ratios) > 1:
+        text += f" ({min(ratios):.3f}-{max(ratios):.3f})"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=400, help="requests per workload (400)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repetitions, stock and addon alternating (1)")
+    ap.add_argument("--connections", type=int, default=10,
+                    help="kept-alive client connections of the keepalive workload (10)")
     ap.add_argument("--only", action="append", default=[],
                     help=f"workloads, comma-separated: {','.join(WORKLOADS)}")
     ap.add_argument("--addon-set", action="append", default=[],
@@ -165,23 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     # does at full speed (a request waits for another's response), and log on again.
     sets = ("ntlm_pool_wait=600", *args.addon_set)
     cfg = Config(addon_sets=sets, size=1 << 20)
+    run = Settings(workloads, args.requests, max(1, args.connections), args.keep)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts in every run
-    results: dict[str, dict[str, float]] = {}
+    names = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    results: dict[str, dict[str, list[float]]] = {n: {w: [] for w in workloads} for n in names}
     with stack(cfg) as st:
-        for name in [c for c in CONTENDERS if c in args.contenders.split(",")]:
-            results[name] = measure(st, cfg, name, workloads, args.requests, log, args.keep)
+        for round_ in range(max(1, args.rounds)):
+            for name in names:
+                for w, value in measure(st, cfg, name, run, round_, log).items():
+                    results[name][w].append(value)
     if args.json is not None:
         args.json.write_text(json.dumps({"requests": args.requests, "results": results}))
     print("\n| workload | stock mitmdump, M instr/req | addon, M instr/req | addon / stock |")
     print("| --- | --- | --- | --- |")
     for w in workloads:
-        stock, addon = results.get("mitmdump", {}).get(w), results.get("addon", {}).get(w)
-        ratio = f"{addon / stock:.3f}" if stock and addon else "-"
-        print(f"| {w} | {_m(stock)} | {_m(addon)} | {ratio} |")
+        stock = results.get("mitmdump", {}).get(w, [])
+        addon = results.get("addon", {}).get(w, [])
+        print(f"| {w} | {_m(stock)} | {_m(addon)} | {_ratio(stock, addon)} |")
     return 0
 
 

@@ -194,3 +194,28 @@ def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> No
         assert parent.snapshot().accepted_count == 1
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_script_group_exposes_every_hook_and_command_of_its_parts() -> None:
+    """mitmproxy sees the script's addons as one object (speed); nothing may get lost."""
+    from mitmproxy import hooks
+
+    from mitmproxy_ntlm import script
+
+    (group,) = script.addons
+    for part in group.parts:
+        for name in hooks.all_hooks:
+            if callable(getattr(part, name, None)):
+                assert callable(getattr(group, name, None)), f"{type(part).__name__}.{name}"
+    commands = {getattr(group, a).command_name for a in dir(group)
+                if hasattr(getattr(group, a), "command_name")}
+    assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
+    assert not hasattr(group, "addons")  # mitmproxy would walk the parts again
+    # The script module answers every hook name: None unless it is one.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ntlm_script", ROOT / "addons" / "ntlm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert all(getattr(module, name) is None for name in hooks.all_hooks)

@@ -41,7 +41,8 @@ class HandshakeTrace:
     authenticated_at: float | None = None  # wall clock; set for a reused pooled connection
     total_ms: float | None = None  # the exchange's duration, fixed when it ends
     # comment and metadata for the flows, made once per result (every request shows them)
-    _summary: tuple[str, str, dict[str, Any]] | None = field(default=None, repr=False)
+    _summary: tuple[str, str, dict[str, Any]] | None = field(default=None, repr=False,
+                                                              compare=False)
 
     def _stage(self, name: str, details: dict[str, Any], level: int = logging.INFO) -> None:
         now = time.monotonic()

@@ -235,7 +235,7 @@ def request_framer(head: Head) -> BodyFramer:
 
 
 def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
-    if head.get_all("transfer-encoding") and "chunked" in head.tokens("transfer-encoding"):
+    if "chunked" in head.tokens("transfer-encoding"):
         return BodyFramer(None, chunked=True)
     values = head.get_all("content-length")
     lengths = {values[0].strip()} if len(values) == 1 else {v.strip() for v in values}

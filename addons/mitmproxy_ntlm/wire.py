@@ -38,13 +38,8 @@ class Head:
         if index is None:
             index = self._index = {}
             for k, v in self.headers:
-                k = k.lower()
-                values = index.get(k)
-                if values is None:
-                    index[k] = [v]
-                else:
-                    values.append(v)
-        return index.get(name.lower(), _NONE)
+                index.setdefault(k.lower(), []).append(v)
+        return index.get(name.lower(), [])
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -99,7 +94,6 @@ def split_head(buf: bytearray) -> bytes | None:
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_NONE: list[str] = []  # get_all of an absent header (never mutated)
 
 
 def parse_head(raw: bytes) -> Head:
@@ -111,22 +105,14 @@ def parse_head(raw: bytes) -> Head:
     if len(first) != 3 or not first[0]:
         raise WireError(f"bad first line {lines[0][:60]!r}")
     headers: list[tuple[str, str]] = []
-    index: dict[str, list[str]] = {}  # built here: every head is looked up several times
     for line in lines[1:]:
         if not line:
             continue
         name, sep, value = line.partition(":")
         if not sep or not _TOKEN.match(name):
             raise WireError(f"bad header line {line[:60]!r}")
-        value = value.strip(" \t")
-        headers.append((name, value))
-        key = name.lower()
-        values = index.get(key)
-        if values is None:
-            index[key] = [value]
-        else:
-            values.append(value)
-    return Head((first[0], first[1], first[2]), headers, raw, index)
+        headers.append((name, value.strip(" \t")))
+    return Head((first[0], first[1], first[2]), headers, raw)
 
 
 def parse_response_head(raw: bytes) -> Head:
@@ -237,8 +223,7 @@ def request_framer(head: Head) -> BodyFramer:
 def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
     if "chunked" in head.tokens("transfer-encoding"):
         return BodyFramer(None, chunked=True)
-    values = head.get_all("content-length")
-    lengths = {values[0].strip()} if len(values) == 1 else {v.strip() for v in values}
+    lengths = {v.strip() for v in head.get_all("content-length")}
     if len(lengths) > 1:
         raise WireError("conflicting Content-Length headers")
     if lengths:

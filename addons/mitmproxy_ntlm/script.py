@@ -34,7 +34,7 @@ class AddonGroup:
 
     def __init__(self, *parts: object) -> None:
         self.parts = parts
-        for name in getattr(hooks, "all_hooks", {}):
+        for name in hooks.all_hooks:
             handlers = [h for part in parts if callable(h := getattr(part, name, None))]
             if handlers:
                 setattr(self, name, _in_order(handlers))
@@ -69,4 +69,4 @@ addons = [AddonGroup(ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginA
 
 def absent_hooks(namespace: dict[str, object]) -> dict[str, None]:
     """Every hook name the script module lacks, mapped to None (mitmproxy skips a None hook)."""
-    return {name: None for name in getattr(hooks, "all_hooks", {}) if name not in namespace}
+    return {name: None for name in hooks.all_hooks if name not in namespace}

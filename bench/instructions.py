@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import Config, Running, Stack, stack, start_mitmdump
+from compare import Config, Running, Stack, _read_head, stack, start_mitmdump
 
 WORKLOADS = ("keepalive", "newconn", "c200")
 CONTENDERS = ("mitmdump", "addon")  # stock first: the baseline
@@ -51,11 +51,10 @@ CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr
 async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, url: str) -> None:
     host = url.split("/")[2]
     writer.write(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    if not head.startswith("HTTP/1.1 200"):
-        raise RuntimeError(f"expected 200, got {head.splitlines()[0]!r}")
-    m = re.search(r"^content-length:\s*(\d+)", head, re.I | re.M)
-    await reader.readexactly(int(m.group(1)) if m else 0)
+    status, length = await _read_head(reader)
+    if status != 200:
+        raise RuntimeError(f"expected 200, got {status}")
+    await reader.readexactly(length)
 
 
 async def _client(port: int, url: str, conns: int, per_conn: int, concurrency: int) -> int:
@@ -152,24 +151,13 @@ def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
     return result
 
 
-def _m(values: list[float]) -> str:
-    """Median in millions, with the range over rounds."""
+def _median_range(values: list[float], fmt: str) -> str:
+    """Median, with the range when there are several rounds."""
     if not values:
         return "-"
-    text = f"{statistics.median(values) / 1e6:.3f}"
+    text = fmt.format(statistics.median(values))
     if len(values) > 1:
-        text += f" ({min(values) / 1e6:.3f}-{max(values) / 1e6:.3f})"
-    return text
-
-
-def _ratio(stock: list[float], addon: list[float]) -> str:
-    """Median of the per-round ratios addon/stock, with their range."""
-    ratios = [a / s for s, a in zip(stock, addon, strict=False)]
-    if not ratios:
-        return "-"
-    text = f"{statistics.median(ratios):.3f}"
-    if len(ratios) > 1:
-        text += f" ({min(ratios):.3f}-{max(ratios):.3f})"
+        text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})"
     return text
 
 
@@ -219,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         stock = results.get("mitmdump", {}).get(w, [])
         addon = results.get("addon", {}).get(w, [])
-        print(f"| {w} | {_m(stock)} | {_m(addon)} | {_ratio(stock, addon)} |")
+        ratios = [a / s for s, a in zip(stock, addon, strict=False)]  # per round
+        print(f"| {w} | {_median_range([v / 1e6 for v in stock], '{:.3f}')} | "
+              f"{_median_range([v / 1e6 for v in addon], '{:.3f}')} | "
+              f"{_median_range(ratios, '{:.3f}')} |")
     return 0
 
 

@@ -36,6 +36,25 @@ def test_response_framing_rules() -> None:
         wire.parse_response_head(b"HTTP/1.1 2x0 Hm\r\n\r\n")
 
 
+def test_header_lookups_read_the_raw_head() -> None:
+    head = wire.parse_response_head(
+        b"HTTP/1.1 200 OK\r\nX-Note: Connection: close\r\nset-cookie: a=1 \r\n"
+        b"Content-Length:7\r\nSET-COOKIE:\tb=2\r\nX-Content-Length: 99\r\n\r\n")
+    assert head.get_all("Set-Cookie") == ["a=1", "b=2"]  # any case, in order, trimmed
+    assert head.get("content-length") == "7"  # not X-Content-Length, no space needed
+    assert head.get("connection") is None  # a value that looks like a header is no header
+    assert head.keeps_alive()  # "close" in a value alone does not close
+    assert wire.response_framer(head, "GET").remaining == 7
+    assert head.headers[0] == ("X-Note", "Connection: close")
+    assert not wire.parse_response_head(
+        b"HTTP/1.1 200 OK\r\nCONNECTION: Close\r\n\r\n").keeps_alive()
+    assert wire.parse_response_head(
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n").keeps_alive()
+    chunked = wire.parse_request_head(
+        b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n")
+    assert wire.request_framer(chunked).chunked
+
+
 def test_head_size_is_bounded() -> None:
     buf = bytearray(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000)
     with pytest.raises(wire.WireError, match="larger"):

@@ -340,7 +340,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             if self.engine is not None:
                 yield from self._on_timeout(generation)
             return
-        if isinstance(event, events.ConnectionEvent) and event.connection in self._retired:
+        if self._retired and isinstance(event, events.ConnectionEvent) \
+                and event.connection in self._retired:
             return  # a parent connection we replaced after a closing 407
         if (
             self.engine is not None

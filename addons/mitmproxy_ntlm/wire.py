@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass, field
+from functools import lru_cache
 
 MAX_HEAD = 64 * 1024
 """Largest message head accepted from a parent; more is treated as an attack or a bug."""
@@ -20,26 +20,50 @@ class WireError(ValueError):
     """Input that is not the HTTP/1 we expected; the message is safe to show to a user."""
 
 
-@dataclass
 class Head:
-    """A parsed message head: first line split in three, headers in order, raw bytes."""
+    """A parsed message head: the first line split in three, and the raw bytes.
 
-    first: tuple[str, str, str]
-    headers: list[tuple[str, str]]
-    raw: bytes
-    # lower-cased name -> values, built once: every request and response is looked up
-    # several times (framing, keep-alive, auth headers)
-    _index: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
-    _keeps_alive: bool | None = field(default=None, repr=False, compare=False)
+    Header values are looked up in the raw bytes when asked for: the engine needs four of
+    them per message on its hot path (framing, keep-alive), and splitting and checking every
+    header line cost more than all its other work per request. The messages a client sees
+    are parsed and checked by mitmproxy itself; `headers` gives the full list when needed.
+    """
+
+    __slots__ = ("_keeps_alive", "_status", "first", "lower", "raw")
+
+    def __init__(self, first: tuple[str, str, str], raw: bytes) -> None:
+        self.first = first
+        self.raw = raw
+        self.lower = raw.lower()  # header names are case-insensitive
+        self._keeps_alive: bool | None = None
+        self._status: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Head({self.first!r})"
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Every header line with a name, in order."""
+        lines = self.raw.decode("iso-8859-1").split("\r\n")[1:]
+        pairs = (line.partition(":") for line in lines)
+        return [(name, value.strip(" \t")) for name, sep, value in pairs if sep and name]
 
     def get_all(self, name: str) -> list[str]:
         """Values of a header, in order."""
-        index = self._index
-        if index is None:
-            index = self._index = {}
-            for k, v in self.headers:
-                index.setdefault(k.lower(), []).append(v)
-        return index.get(name.lower(), [])
+        raw, lower = self.raw, self.lower
+        key = _header_key(name)
+        pos = lower.find(key)
+        if pos == -1:
+            return []
+        values = []
+        while pos != -1:
+            start = pos + len(key)
+            end = lower.find(b"\r\n", start)
+            if end == -1:
+                end = len(raw)
+            values.append(raw[start:end].decode("iso-8859-1").strip(" \t"))
+            pos = lower.find(key, end)
+        return values
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -54,10 +78,12 @@ class Head:
 
     @property
     def status(self) -> int:
-        try:
-            return int(self.first[1])
-        except ValueError:
-            raise WireError(f"bad status code {self.first[1][:20]!r}") from None
+        if self._status is None:
+            try:
+                self._status = int(self.first[1])
+            except ValueError:
+                raise WireError(f"bad status code {self.first[1][:20]!r}") from None
+        return self._status
 
     @property
     def version(self) -> str:
@@ -66,10 +92,14 @@ class Head:
     def keeps_alive(self) -> bool:
         """HTTP/1.1 persists unless `Connection: close`; HTTP/1.0 only with keep-alive."""
         if self._keeps_alive is None:
+            http10 = self.version == "HTTP/1.0"
+            if not http10 and b"close" not in self.lower:  # no header can say close
+                self._keeps_alive = True
+                return True
             conn = self.tokens("connection") | self.tokens("proxy-connection")
             if "close" in conn:
                 self._keeps_alive = False
-            elif self.version == "HTTP/1.0":
+            elif http10:
                 self._keeps_alive = "keep-alive" in conn
             else:
                 self._keeps_alive = True
@@ -93,26 +123,22 @@ def split_head(buf: bytearray) -> bytes | None:
     return raw
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+@lru_cache(maxsize=64)
+def _header_key(name: str) -> bytes:
+    """What starts a header line named `name` in a lower-cased head."""
+    return b"\r\n" + name.lower().encode("iso-8859-1") + b":"
 
 
 def parse_head(raw: bytes) -> Head:
-    text = raw.decode("iso-8859-1")  # decodes every byte
-    lines = text.split("\r\n")
-    first = lines[0].split(" ", 2)
+    """Split the first line; header lines are read when looked up (see `Head`)."""
+    end = raw.find(b"\r\n")
+    line = (raw if end == -1 else raw[:end]).decode("iso-8859-1")  # decodes every byte
+    first = line.split(" ", 2)
     if len(first) == 2:
         first.append("")
     if len(first) != 3 or not first[0]:
-        raise WireError(f"bad first line {lines[0][:60]!r}")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.match(name):
-            raise WireError(f"bad header line {line[:60]!r}")
-        headers.append((name, value.strip(" \t")))
-    return Head((first[0], first[1], first[2]), headers, raw)
+        raise WireError(f"bad first line {line[:60]!r}")
+    return Head((first[0], first[1], first[2]), raw)
 
 
 def parse_response_head(raw: bytes) -> Head:
@@ -221,8 +247,11 @@ def request_framer(head: Head) -> BodyFramer:
 
 
 def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
-    if "chunked" in head.tokens("transfer-encoding"):
+    lower = head.lower  # looking before parsing: most heads have one of the two at most
+    if b"\r\ntransfer-encoding:" in lower and "chunked" in head.tokens("transfer-encoding"):
         return BodyFramer(None, chunked=True)
+    if b"\r\ncontent-length:" not in lower:
+        return BodyFramer(None) if default_until_close else BodyFramer(0)
     lengths = {v.strip() for v in head.get_all("content-length")}
     if len(lengths) > 1:
         raise WireError("conflicting Content-Length headers")
@@ -296,8 +325,7 @@ def absolute_form(request: Head) -> Head:
     first = f"{method} http://{host}{target} {version}"
     lines = request.raw.split(b"\r\n", 1)
     raw = first.encode("latin-1") + b"\r\n" + lines[1]
-    return Head((method, f"http://{host}{target}", version), request.headers, raw,
-                request._index)
+    return Head((method, f"http://{host}{target}", version), raw)
 
 
 def persistent(request: Head) -> Head:

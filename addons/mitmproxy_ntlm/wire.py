@@ -247,11 +247,8 @@ def request_framer(head: Head) -> BodyFramer:
 
 
 def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
-    lower = head.lower  # looking before parsing: most heads have one of the two at most
-    if b"\r\ntransfer-encoding:" in lower and "chunked" in head.tokens("transfer-encoding"):
+    if "chunked" in head.tokens("transfer-encoding"):
         return BodyFramer(None, chunked=True)
-    if b"\r\ncontent-length:" not in lower:
-        return BodyFramer(None) if default_until_close else BodyFramer(0)
     lengths = {v.strip() for v in head.get_all("content-length")}
     if len(lengths) > 1:
         raise WireError("conflicting Content-Length headers")

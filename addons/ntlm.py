@@ -7,9 +7,7 @@ Works from a checkout (mitmproxy puts this folder on sys.path while loading the 
 with the package installed (`pip install .`).
 """
 
-from mitmproxy_ntlm.script import absent_hooks, addons
+from mitmproxy_ntlm.script import serve_from
 
-# mitmproxy looks every hook up on this module for every event; see absent_hooks.
-globals().update(absent_hooks(globals()))
-
-__all__ = ["addons"]
+# This module is the addon: mitmproxy walks a script's addons for every event, and stops here.
+serve_from(globals())

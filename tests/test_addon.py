@@ -197,25 +197,114 @@ def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> No
 
 
 def test_script_group_exposes_every_hook_and_command_of_its_parts() -> None:
-    """mitmproxy sees the script's addons as one object (speed); nothing may get lost."""
+    """mitmproxy sees the script's addons as one object, the script module itself (speed);
+    nothing may get lost."""
+    import importlib.util
+
     from mitmproxy import hooks
 
     from mitmproxy_ntlm import script
-
-    (group,) = script.addons
-    for part in group.parts:
-        for name in hooks.all_hooks:
-            if callable(getattr(part, name, None)):
-                assert callable(getattr(group, name, None)), f"{type(part).__name__}.{name}"
-    commands = {getattr(group, a).command_name for a in dir(group)
-                if hasattr(getattr(group, a), "command_name")}
-    assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
-    assert not hasattr(group, "addons")  # mitmproxy would walk the parts again
-    # The script module answers every hook name: None unless it is one.
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("ntlm_script", ROOT / "addons" / "ntlm.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert all(getattr(module, name) is None for name in hooks.all_hooks)
+    (group,) = script.addons
+    for holder in (group, module):
+        for part in group.parts:
+            for name in hooks.all_hooks:
+                if callable(getattr(part, name, None)):
+                    assert callable(getattr(holder, name, None)), f"{type(part).__name__}.{name}"
+        commands = {getattr(holder, a).command_name for a in dir(holder)
+                    if hasattr(getattr(holder, a), "command_name")}
+        assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
+        # Every hook name answers (None: nobody has it), without an AttributeError.
+        assert all(hasattr(holder, name) for name in hooks.all_hooks)
+    assert not hasattr(group, "addons")  # mitmproxy would walk the parts again
+    assert module.addons == []  # the walk stops at the module
+
+
+def test_group_offers_only_the_hooks_the_options_need() -> None:
+    """Each hook call costs mitmproxy more than most of ours do: hooks with nothing to do under
+    the current options are not offered, and come back when an option needs them."""
+    from mitmproxy import exceptions
+    from mitmproxy.addons.proxyauth import ProxyAuth
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    from mitmproxy_ntlm.access import ClientAccess
+    from mitmproxy_ntlm.origin import OriginAuth
+    from mitmproxy_ntlm.routing import ParentRouter
+    from mitmproxy_ntlm.script import AddonGroup
+
+    access, router, auth, origin = ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth()
+    group = AddonGroup(access, router, auth, origin)
+    per_request = ("requestheaders", "response", "error", "http_connect")
+    routing = ("next_layer", "http_connect")
+    with taddons.context(ProxyAuth(), Proxyserver(), group) as tctx:
+        tctx.configure(group, mode=["upstream:http://127.0.0.1:3128"], listen_host="127.0.0.1")
+        # Loaded without a user: nothing to do for any flow or connection.
+        for name in (*per_request, *routing, "client_connected", "client_disconnected",
+                     "tls_clienthello"):
+            assert getattr(group, name) is None, name
+        assert callable(group.running) and callable(group.done)
+
+        tctx.configure(group, ntlm_username=f"{TEST_DOMAIN}\\{TEST_USER}",
+                       ntlm_password=TEST_PASSWORD)
+        assert group.response == auth.response and group.error == auth.error
+        assert group.next_layer is None and group.client_disconnected is None
+        # requestheaders only refuses known-bad credentials: offered once the guard blocks.
+        assert group.requestheaders is None
+        assert auth.policy is not None
+        for _ in range(3):
+            auth.policy.guard.rejected(f"{TEST_DOMAIN}\\{TEST_USER}")
+        assert group.requestheaders == auth.requestheaders  # not the router's
+        from mitmproxy.test import tflow
+        flow = tflow.tflow()
+        flow.server_conn.via = ("http", ("127.0.0.1", 3128))
+        group.requestheaders(flow)
+        assert flow.response is not None and flow.response.status_code == 502
+        assert b"stopped sending the credentials" in flow.response.content
+        auth.reset()  # ntlm.reset: the next request finds nothing to refuse and unhooks it
+        group.requestheaders(tflow.tflow())
+        assert group.requestheaders is None
+
+        tctx.configure(group, ntlm_allow_clients="127.0.0.1", ntlm_origin_hosts="intranet.test")
+        assert group.client_connected == access.client_connected
+        assert group.tls_clienthello == origin.tls_clienthello
+
+        tctx.configure(group, mode=["regular@0"], ntlm_parent="http://127.0.0.1:3128",
+                       connection_strategy="lazy")
+        assert group.next_layer == router.next_layer
+        assert callable(group.requestheaders) and group.requestheaders != auth.requestheaders
+
+        # A refused option: mitmproxy configures the old values again, the hooks follow.
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(group, ntlm_parent="not a url")
+        assert group.next_layer == router.next_layer
+
+        tctx.configure(group, ntlm_multiuser=True, ntlm_username="", ntlm_password="")
+        assert group.client_disconnected == auth.client_disconnected
+
+
+def test_may_refuse_whenever_credentials_would_be_refused() -> None:
+    """The per-request check is skipped only when `credentials()` cannot refuse anyone."""
+    from mitmproxy_ntlm.credentials import SecretSources, build_credentials
+    from mitmproxy_ntlm.policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
+
+    creds = build_credentials(TEST_USER, TEST_DOMAIN, "WS", SecretSources(password="x"))
+    policy = UpstreamPolicy(creds=creds, guard=LockoutGuard(2))
+    assert not policy.may_refuse()
+    policy.credentials("client-1")
+    policy.rejected_by_parent(creds, "parent:8080", "client-1")  # remembered for this client
+    assert policy.may_refuse()
+    with pytest.raises(AuthUnavailable):
+        policy.credentials("client-1")
+    policy.rejected.clear()
+    policy.rejected_by_parent(creds, "parent:8080", "client-2")
+    policy.rejected.clear()  # the guard alone blocks now: 2 of 2
+    assert policy.may_refuse()
+    with pytest.raises(AuthUnavailable):
+        policy.credentials("client-3")
+    policy.guard.reset()
+    assert not policy.may_refuse()
+    assert UpstreamPolicy(creds=None, multiuser=True).may_refuse()  # identities come per client

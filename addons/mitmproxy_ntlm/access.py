@@ -86,6 +86,10 @@ class ClientAccess:
                     f"with --set ntlm_allow_remote=true (best with ntlm_allow_clients)."
                 )
 
+    def idle_hooks(self) -> set[str]:
+        """Without Allow/Deny lists every client may connect (see script.AddonGroup)."""
+        return set() if self.allow or self.deny else {"client_connected"}
+
     def client_connected(self, client: Any) -> None:
         if not (self.allow or self.deny) or not client.peername:
             return

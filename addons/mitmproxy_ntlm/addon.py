@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
@@ -76,6 +77,8 @@ class NtlmUpstreamAuth:
         # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
         self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
         self.tickets: KerberosTickets | None = None
+        # Set by script.AddonGroup: ask it again which hooks are idle.
+        self.hooks_changed: Callable[[], None] | None = None
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
@@ -315,6 +318,7 @@ class NtlmUpstreamAuth:
             rejected_ttl=float(opts.ntlm_lockout_cooldown),
             on_finished=self._handshake_finished,
         )
+        guard.on_block = self._hooks_changed  # requestheaders must refuse from now on
         mitmproxy_internals.install(self.policy)
         self._configure_pool()
 
@@ -354,6 +358,20 @@ class NtlmUpstreamAuth:
         if problem:
             log.warning("[ntlm] SOCKS5 client refused: %s", problem)
 
+    def idle_hooks(self) -> set[str]:
+        """Hooks with nothing to do now (see script.AddonGroup). `requestheaders` only refuses
+        known-bad credentials: it is offered again when the lockout guard blocks someone."""
+        idle = set() if self.logins is not None else {"client_disconnected"}
+        if self.policy is None:
+            idle |= {"requestheaders", "http_connect", "response", "error"}
+        elif not self.policy.may_refuse():
+            idle.add("requestheaders")
+        return idle
+
+    def _hooks_changed(self) -> None:
+        if self.hooks_changed is not None:
+            self.hooks_changed()
+
     def client_disconnected(self, client: Any) -> None:
         if self.logins is not None:
             self.logins.forget(client.id)
@@ -392,6 +410,10 @@ class NtlmUpstreamAuth:
         return True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        policy = self.policy
+        if policy is None or not policy.may_refuse():
+            self._hooks_changed()  # nothing known bad (any more): not needed per request
+            return
         if _to_parent(flow):
             self._check_client(flow)
 
@@ -420,27 +442,27 @@ class NtlmUpstreamAuth:
 
     # The story of each flow, for mitmweb / console / mitmdump.
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._annotate(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._annotate(flow)
-
     def _annotate(self, flow: http.HTTPFlow) -> None:
-        if self.policy is None or "ntlm" in flow.metadata:
+        policy = self.policy
+        if policy is None or "ntlm" in flow.metadata:
             return
-        origin = self.policy.traces.get(f"{flow.server_conn.id}/origin")
+        traces = policy.traces
+        origin = traces.get(f"{flow.server_conn.id}/origin")
         if origin is not None and "ntlm_origin" not in flow.metadata:
-            flow.metadata["ntlm_origin"] = origin.metadata()
-            flow.comment = flow.comment or origin.comment()
-        trace = self.policy.traces.get(flow.server_conn.id)
+            metadata, comment, _ = origin.annotation()
+            flow.metadata["ntlm_origin"] = metadata
+            flow.comment = flow.comment or comment
+        trace = traces.get(flow.server_conn.id)
         if trace is None or trace.result == "pending":
             return
-        flow.metadata["ntlm"] = trace.metadata()
+        metadata, comment, ok = trace.annotation()
+        flow.metadata["ntlm"] = metadata
         if not flow.comment:
-            flow.comment = trace.comment()
-        if not trace.ok:
+            flow.comment = comment
+        if not ok:
             flow.marked = ":warning:"
+
+    response = error = _annotate  # hooks called for every flow: no extra call in between
 
     @staticmethod
     def _mark_failed(flow: http.HTTPFlow, reason: str) -> None:

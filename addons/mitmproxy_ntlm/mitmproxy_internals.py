@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,6 +70,15 @@ def run_step(engine: eng.AuthEngine, step: Callable[..., list[eng.Action]],
     except Exception:
         log.exception("[ntlm] internal error on the connection to %s", engine.parent)
         return engine.internal_error()
+
+
+async def _drained() -> None:
+    return None
+
+
+def _nothing() -> layer.CommandGenerator[None]:
+    """A command generator that does nothing (for an event that is ignored)."""
+    yield from ()
 
 
 class UnsupportedMitmproxy(RuntimeError):
@@ -334,22 +343,34 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             return True, None
         return False, None
 
+    # The overrides below that every request passes (events, commands, data) are not generators
+    # themselves: they return the generator to run, so the usual case adds no frame to the
+    # chain that each command of a request climbs.
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Wakeup) and event.command in self._timers:
-            generation = self._timers.pop(event.command)  # type: ignore[arg-type]
-            if self.engine is not None:
-                yield from self._on_timeout(generation)
-            return
+        if self._timers and isinstance(event, events.Wakeup) and event.command in self._timers:
+            return self._on_wakeup(event.command)
         if self._retired and isinstance(event, events.ConnectionEvent) \
                 and event.connection in self._retired:
-            return  # a parent connection we replaced after a closing 407
+            return _nothing()  # a parent connection we replaced after a closing 407
         if (
             self.engine is not None
             and not self._tunnel_open
             and isinstance(event, events.ConnectionClosed)
             and event.connection == self.tunnel_connection
-            and self.engine.lost_before_answer()
         ):
+            return self._on_parent_closed(event)
+        return super()._handle_event(event)
+
+    def _on_wakeup(self, command: commands.RequestWakeup) -> layer.CommandGenerator[None]:
+        generation = self._timers.pop(command)
+        if self.engine is not None:
+            yield from self._on_timeout(generation)
+
+    def _on_parent_closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
+        """The parent connection closed before the tunnel opened or a plain request ended."""
+        assert self.engine is not None
+        if self.engine.lost_before_answer():
             # A pooled connection the parent had closed while it was idle, or no connection came
             # free for a request that waited: replay on a new one.
             streams = self._streams
@@ -359,13 +380,7 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             if failure and self.send_connect:
                 yield from self._abort_handshake(failure)
             return
-        if (
-            self.engine is not None
-            and self.send_connect
-            and not self._tunnel_open
-            and isinstance(event, events.ConnectionClosed)
-            and event.connection == self.tunnel_connection
-        ):
+        if self.send_connect:
             actions = self._safely(self.engine.parent_closed)
             failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), None)
             if failure:
@@ -402,19 +417,21 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             and command.connection == self.conn
             and type(self).policy is not None
         ):
-            # As TunnelLayer does, plus failover to the next parent, roaming, and an error
-            # that names the parents instead of a bare errno.
-            self.command_to_reply_to = command
-            self.tunnel_state = tunnel.TunnelState.ESTABLISHING
-            err = yield from self._connect_to_a_parent()
-            if err:
-                log.warning("[ntlm] %s", err)
-                yield from self.event_to_child(events.OpenConnectionCompleted(command, err))
-                self.tunnel_state = tunnel.TunnelState.CLOSED
-            else:
-                yield from self.start_handshake()
-            return
-        yield from super()._handle_command(command)
+            return self._open_tunnel(command)
+        return super()._handle_command(command)
+
+    def _open_tunnel(self, command: commands.OpenConnection) -> layer.CommandGenerator[None]:
+        """As TunnelLayer does, plus failover to the next parent, roaming, and an error that
+        names the parents instead of a bare errno."""
+        self.command_to_reply_to = command
+        self.tunnel_state = tunnel.TunnelState.ESTABLISHING
+        err = yield from self._connect_to_a_parent()
+        if err:
+            log.warning("[ntlm] %s", err)
+            yield from self.event_to_child(events.OpenConnectionCompleted(command, err))
+            self.tunnel_state = tunnel.TunnelState.CLOSED
+        else:
+            yield from self.start_handshake()
 
     def _connect_to_a_parent(self) -> layer.CommandGenerator[str | None]:
         """Open the parent connection: the chosen parent, else the others in order, else
@@ -456,19 +473,15 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
 
     def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
-            yield from super().send_data(data)
-            return
+            return super().send_data(data)
         if self._streams is not None and self._streams.lent:
             self._reacquire()
-        yield from self._run(self._safely(self.engine.from_child, data))
+        return self._run(self._safely(self.engine.from_child, data))
 
     def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
-            yield from super().receive_data(data)
-            return
-        yield from self._run(self._safely(self.engine.from_parent, data))
-        if self._streams is not None and self.engine.reusable():
-            self._lend()
+            return super().receive_data(data)
+        return self._run(self._safely(self.engine.from_parent, data), lend=True)
 
     def receive_close(self) -> layer.CommandGenerator[None]:
         if self.engine is not None and not self._tunnel_open:
@@ -478,8 +491,13 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ actions
 
     def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
-        assert self.engine is not None
-        return run_step(self.engine, step, *args)
+        """`run_step`, inlined: twice per request."""
+        try:
+            return step(*args)
+        except Exception:
+            assert self.engine is not None
+            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
+            return self.engine.internal_error()
 
     def _report_trace(self) -> None:
         """Hand a finished handshake to the addon once (flow annotations, leg flows)."""
@@ -494,13 +512,11 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             except Exception:  # annotations must never break the connection
                 log.exception("[ntlm] could not annotate the flows of %s", trace.kind)
 
-    def _run(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[str | None]:
-        """Carry out engine actions; returns a CONNECT failure reason, if any."""
-        failure = yield from self._perform(actions)
-        self._report_trace()
-        return failure
-
-    def _perform(self, actions: Iterable[eng.Action]) -> layer.CommandGenerator[str | None]:
+    def _run(self, actions: Iterable[eng.Action],
+             lend: bool = False) -> layer.CommandGenerator[str | None]:
+        """Carry out engine actions, then report a finished handshake and (`lend`, after a
+        response) lend the connection if it is idle; returns a CONNECT failure reason, if any.
+        (One generator: every command of a request passes it.)"""
         failure: str | None = None
         for action in actions:
             if isinstance(action, eng.ToParent):
@@ -522,6 +538,11 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                 failure = yield from self._reconnect()
             elif isinstance(action, eng.Failed):
                 failure = action.reason
+        engine = self.engine
+        if engine is not None and engine.trace is not None and not engine.trace.emitted:
+            self._report_trace()
+        if lend and self._streams is not None and engine is not None and engine.reusable():
+            self._lend()
         return failure
 
     def _reconnect(self) -> layer.CommandGenerator[str | None]:
@@ -685,10 +706,11 @@ class _ParentStreams:
         writer = self.phys_writer
         return self.closed or (writer is not None and writer.is_closing())
 
-    async def drain(self) -> None:
+    def drain(self) -> Awaitable[None]:
+        """The physical writer's own drain (no coroutine of ours in between, once per
+        request); nothing to wait for while none is attached."""
         writer = self.phys_writer
-        if writer is not None:
-            await writer.drain()
+        return writer.drain() if writer is not None else _drained()
 
     def write_eof(self) -> None:
         self._eof_sent = True  # half-closed by us: never reusable
@@ -803,10 +825,12 @@ async def _wait_for_connection(pool: ParentPool, key: PoolKey) -> PooledConnecti
     return entry
 
 
-async def _handle_connection(self: server.ConnectionHandler,
-                             connection_: connection.Connection) -> None:
+def _handle_connection(self: server.ConnectionHandler,
+                       connection_: connection.Connection) -> Coroutine[Any, Any, None]:
     """Wraps `ConnectionHandler.handle_connection`: our parent connections get a writer that
-    can return them to the pool when mitmproxy closes them."""
+    can return them to the pool when mitmproxy closes them. Not a coroutine itself: it returns
+    mitmproxy's, so each read of every connection (clients' too) passes no extra frame.
+    (mitmproxy calls it once the connection's transports are set, in all supported versions.)"""
     opening = _OPENED.pop(connection_, None)
     if opening is not None and opening.releaser is not None:
         io = self.transports.get(connection_)
@@ -816,7 +840,7 @@ async def _handle_connection(self: server.ConnectionHandler,
             io.reader = io.writer = streams  # type: ignore[assignment]
             opening.releaser.streams_opened(streams)
         opening.release()  # counted as a live connection from here on
-    return await _ORIGINAL_HANDLE(self, connection_)
+    return _ORIGINAL_HANDLE(self, connection_)  # type: ignore[no-any-return]
 
 
 _ORIGINAL_OPEN = getattr(server.ConnectionHandler.open_connection, "_ntlm_original",

@@ -112,6 +112,10 @@ class OriginAuth:
             can_reconnect=False, client_id=context.client.id, target=eng.ORIGIN, creds=own,
             trace_key=f"{server.id}/origin")
 
+    def idle_hooks(self) -> set[str]:
+        """No servers listed: nothing to prepare per TLS handshake (see script.AddonGroup)."""
+        return set() if self.hosts else {"tls_clienthello"}
+
     def tls_clienthello(self, data: Any) -> None:
         """Keep listed hosts on HTTP/1.1 on both sides: connect the server first, offering
         only http/1.1, so the client is answered with what the server chose."""

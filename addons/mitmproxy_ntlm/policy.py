@@ -34,6 +34,7 @@ class LockoutGuard:
         self.cooldown = cooldown
         self._failures: dict[str, int] = {}
         self._blocked_at: dict[str, float] = {}
+        self.on_block: Callable[[], None] | None = None  # called when a principal gets blocked
 
     def failures(self, principal: str) -> int:
         return self._failures.get(principal, 0)
@@ -51,13 +52,18 @@ class LockoutGuard:
     def rejected(self, principal: str) -> int:
         count = self._failures.get(principal, 0) + 1
         self._failures[principal] = count
-        if self.limit > 0 and count >= self.limit:
-            self._blocked_at.setdefault(principal, time.monotonic())
+        if self.limit > 0 and count >= self.limit and principal not in self._blocked_at:
+            self._blocked_at[principal] = time.monotonic()
+            if self.on_block is not None:
+                self.on_block()
         return count
 
     def accepted(self, principal: str) -> None:
         self._failures.pop(principal, None)
         self._blocked_at.pop(principal, None)
+
+    def any_blocked(self) -> bool:
+        return bool(self._blocked_at)
 
     def reset(self) -> None:
         self._failures.clear()
@@ -119,6 +125,11 @@ class UpstreamPolicy:
             del self.rejected[key]
             return None
         return entry[1]
+
+    def may_refuse(self) -> bool:
+        """False when `credentials()` cannot refuse any client now: one identity, no rejection
+        remembered, nobody blocked. Lets the per-request check stop at one call."""
+        return self.multiuser or bool(self.rejected) or self.guard.any_blocked()
 
     def credentials(self, client_id: str | None = None) -> Credentials:
         """The credentials to offer now for this client, or AuthUnavailable saying why not."""

@@ -106,6 +106,13 @@ class ParentRouter:
         return any(isinstance(ProxyMode.parse(s), RegularMode | Socks5Mode)
                    for s in ctx.options.mode)
 
+    def idle_hooks(self) -> set[str]:
+        """No routing (no ntlm_parent or ntlm_pac in regular or socks5 mode): no hook to run
+        (see script.AddonGroup)."""
+        if (self.parents.specs or self.pac) and self._routed_modes():
+            return set()
+        return {"requestheaders", "http_connect", "next_layer"}
+
     def _routes(self, client: connection.Client) -> bool:
         if not (self.parents.specs or self.pac):
             return False

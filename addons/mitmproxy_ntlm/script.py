@@ -1,11 +1,15 @@
-"""What mitmproxy loads with `-s` (addons/ntlm.py re-exports it): the addons, as one object.
+"""What mitmproxy loads with `-s`: addons/ntlm.py hands its module namespace to `serve_from`.
 
-For every event (several per request) mitmproxy walks each addon of a script, four levels deep
-(script loader, script, module, addon), and asks each one for the hook by name; it also asks
-the script module itself. Both walks are per-request costs that bench/instructions.py counts:
-- the four addons sit behind one `AddonGroup`, so the walk meets one object instead of four;
-- the module answers every hook name (`absent_hooks`): a name a module lacks costs CPython
-  three formatted AttributeErrors per lookup.
+For every event (several per request) mitmproxy walks each addon of a script (script loader,
+script, module, the module's `addons`, ...) and asks each one for the hook by name. That walk
+is a per-request cost that bench/instructions.py counts, so it is kept short:
+- the four addons sit behind one `AddonGroup`, whose hooks and commands are written into the
+  script module itself, with an empty `addons`: the walk stops at the module;
+- the module answers every hook name (None for hooks nobody has): a name a module lacks costs
+  CPython three formatted AttributeErrors per lookup;
+- a hook a part does not need under the current options (`idle_hooks`, asked after every
+  `configure`) is not offered at all, since each hook call costs mitmproxy more than most
+  of our hooks do.
 """
 
 from __future__ import annotations
@@ -30,19 +34,61 @@ from mitmproxy_ntlm.routing import ParentRouter
 class AddonGroup:
     """Addons that mitmproxy sees as one: each hook calls the parts that have it, in order,
     and the parts' commands are the group's. An exception in one part ends that event for
-    the rest, as it does for the addons of one script."""
+    the rest, as it does for the addons of one script.
 
-    def __init__(self, *parts: object) -> None:
+    A part may name hooks it has no use for under the current options (`idle_hooks()`):
+    after each `configure` the group stops offering them, until an option change needs
+    them again. A part with a `hooks_changed` attribute gets `refresh` there, to call when
+    its idle hooks change between option changes."""
+
+    def __init__(self, *parts: object, namespace: dict[str, Any] | None = None) -> None:
         self.parts = parts
-        for name in hooks.all_hooks:
-            handlers = [h for part in parts if callable(h := getattr(part, name, None))]
-            if handlers:
-                setattr(self, name, _in_order(handlers))
+        # Where hooks and commands go besides the group itself (a script module's globals).
+        self._namespace = namespace
+        if namespace is not None:
+            namespace["configure"] = self.configure
+            namespace["addons"] = []  # nothing below the module for mitmproxy to walk
+        self._bind(configured=False)
         for part in parts:
+            if hasattr(part, "hooks_changed"):
+                part.hooks_changed = self.refresh
             for attr in dir(part):
                 if not attr.startswith("_") and hasattr(method := getattr(part, attr),
                                                         "command_name"):
-                    setattr(self, attr, method)  # mitmproxy collects commands by attribute
+                    self._publish(attr, method)  # mitmproxy collects commands by attribute
+
+    def _publish(self, name: str, value: object) -> None:
+        setattr(self, name, value)
+        if self._namespace is not None:
+            self._namespace[name] = value
+
+    def _bind(self, configured: bool) -> None:
+        idle = [_idle_hooks(part) if configured else frozenset() for part in self.parts]
+        for name in hooks.all_hooks:
+            if name == "configure":
+                continue
+            handlers = [h for part, off in zip(self.parts, idle, strict=True)
+                        if name not in off and callable(h := getattr(part, name, None))]
+            # None: mitmproxy skips the hook without calling anything.
+            self._publish(name, _in_order(handlers) if handlers else None)
+
+    def refresh(self) -> None:
+        """A part's idle hooks changed outside `configure`."""
+        self._bind(configured=True)
+
+    def configure(self, updated: set[str]) -> None:
+        try:
+            for part in self.parts:
+                configure = getattr(part, "configure", None)
+                if callable(configure):
+                    configure(updated)
+        finally:  # also after an OptionsError: mitmproxy then configures the old values again
+            self._bind(configured=True)
+
+
+def _idle_hooks(part: object) -> frozenset[str]:
+    idle = getattr(part, "idle_hooks", None)
+    return frozenset(idle()) if callable(idle) else frozenset()
 
 
 def _in_order(handlers: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -62,11 +108,17 @@ def _in_order(handlers: list[Callable[..., Any]]) -> Callable[..., Any]:
     return call
 
 
-# Order matters: access control first; then the router decides which flows go to a parent;
-# then the auth addon acts on them.
-addons = [AddonGroup(ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth())]
+def new_group(namespace: dict[str, Any] | None = None) -> AddonGroup:
+    # Order matters: access control first; then the router decides which flows go to a
+    # parent; then the auth addon acts on them.
+    return AddonGroup(ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth(),
+                      namespace=namespace)
 
 
-def absent_hooks(namespace: dict[str, object]) -> dict[str, None]:
-    """Every hook name the script module lacks, mapped to None (mitmproxy skips a None hook)."""
-    return {name: None for name in hooks.all_hooks if name not in namespace}
+def serve_from(namespace: dict[str, Any]) -> None:
+    """Make a script module the addon: its globals get the hooks and commands of a new group."""
+    new_group(namespace)
+
+
+addons = [new_group()]
+"""The same addons as an ordinary addon object, for code that registers addons itself."""

@@ -16,6 +16,8 @@ from . import messages
 
 log = logging.getLogger("mitmproxy_ntlm")
 
+OK_RESULTS = ("authenticated", "reused", "no auth needed")
+
 
 @dataclass
 class HandshakeTrace:
@@ -135,11 +137,16 @@ class HandshakeTrace:
 
     @property
     def ok(self) -> bool:
-        return self.result in ("authenticated", "reused", "no auth needed")
+        return self.result in OK_RESULTS
 
     def comment(self) -> str:
         """One line for mitmweb's comment field."""
         return self._summarized()[1]
+
+    def annotation(self) -> tuple[dict[str, Any], str, bool]:
+        """What a flow shows: `metadata()`, `comment()` and `ok` in one call (once per flow)."""
+        _, comment, metadata = self._summarized()
+        return dict(metadata), comment, self.result in OK_RESULTS
 
     def metadata(self) -> dict[str, Any]:
         """`flow.metadata["ntlm"]`: a dict of its own per flow (the stages list is shared)."""

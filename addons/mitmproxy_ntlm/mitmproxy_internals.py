@@ -491,13 +491,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # ------------------------------------------------------------------ actions
 
     def _safely(self, step: Callable[..., list[eng.Action]], *args: Any) -> list[eng.Action]:
-        """`run_step`, inlined: twice per request."""
-        try:
-            return step(*args)
-        except Exception:
-            assert self.engine is not None
-            log.exception("[ntlm] internal error on the connection to %s", self.engine.parent)
-            return self.engine.internal_error()
+        assert self.engine is not None
+        return run_step(self.engine, step, *args)
 
     def _report_trace(self) -> None:
         """Hand a finished handshake to the addon once (flow annotations, leg flows)."""
@@ -538,9 +533,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                 failure = yield from self._reconnect()
             elif isinstance(action, eng.Failed):
                 failure = action.reason
+        self._report_trace()
         engine = self.engine
-        if engine is not None and engine.trace is not None and not engine.trace.emitted:
-            self._report_trace()
         if lend and self._streams is not None and engine is not None and engine.reusable():
             self._lend()
         return failure

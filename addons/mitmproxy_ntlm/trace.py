@@ -16,9 +16,6 @@ from . import messages
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-OK_RESULTS = ("authenticated", "reused", "no auth needed")
-
-
 @dataclass
 class HandshakeTrace:
     """Stages of one NTLM exchange on one parent connection."""
@@ -137,20 +134,13 @@ class HandshakeTrace:
 
     @property
     def ok(self) -> bool:
-        return self.result in OK_RESULTS
-
-    def comment(self) -> str:
-        """One line for mitmweb's comment field."""
-        return self._summarized()[1]
+        return self.result in ("authenticated", "reused", "no auth needed")
 
     def annotation(self) -> tuple[dict[str, Any], str, bool]:
-        """What a flow shows: `metadata()`, `comment()` and `ok` in one call (once per flow)."""
+        """What a flow shows, once per flow: `flow.metadata["ntlm"]` (a dict of its own; the
+        stages list is shared), one line for mitmweb's comment field, and `ok`."""
         _, comment, metadata = self._summarized()
-        return dict(metadata), comment, self.result in OK_RESULTS
-
-    def metadata(self) -> dict[str, Any]:
-        """`flow.metadata["ntlm"]`: a dict of its own per flow (the stages list is shared)."""
-        return dict(self._summarized()[2])
+        return dict(metadata), comment, self.ok
 
     def _summarized(self) -> tuple[str, str, dict[str, Any]]:
         summary = self._summary

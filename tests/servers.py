@@ -332,6 +332,9 @@ class _OriginHandler(_Handler):
         method = self.command
         if method in ("GET", "HEAD") and path == "/hello":
             self.send_bytes(200, b"hello")
+        elif len(parts) == 2 and parts[0] == "slow" and parts[1].isdigit():
+            time.sleep(min(int(parts[1]), 10_000) / 1000)
+            self.send_bytes(200, b"slow")
         elif method in ("GET", "HEAD") and len(parts) == 2 and parts[1].isdigit():
             self._send_pattern(parts[0], int(parts[1]))
         elif method in ("GET", "HEAD") and path == "/headers":
@@ -390,7 +393,8 @@ class Origin(_ThreadedServer[OriginRequest]):
     Routes: ``GET /hello`` -> "hello"; ``GET /bytes/N`` -> ``pattern_bytes(N)`` with
     Content-Length; ``/chunked/N`` the same chunked; ``/close/N`` the same delimited by closing the
     connection; ``GET /headers`` -> JSON list of [name, value]; ``POST|PUT /echo`` -> JSON
-    ``{"length", "sha256", "chunked", "method"}``; ``/status/CODE`` -> empty response.
+    ``{"length", "sha256", "chunked", "method"}``; ``/status/CODE`` -> empty response;
+    ``/slow/MS`` -> "slow" after MS milliseconds.
     """
 
     handler = _OriginHandler

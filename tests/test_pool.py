@@ -3,11 +3,13 @@ processes reuse one NTLM logon, per user, with liveness checks and an idle timeo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import http.client
 import io
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -17,6 +19,9 @@ from mitmproxy.io import FlowReader
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import Mitmdump, curl
+from mitmproxy_ntlm import wire
+from mitmproxy_ntlm.credentials import Credentials
+from mitmproxy_ntlm.pool import ParentPool, PooledConnection, PoolKey
 from test_trace import Web, _free_port
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
@@ -286,6 +291,7 @@ def test_only_idle_complete_connections_return(mitm, parent, origin):
     assert r.returncode == 28, r.stderr  # curl's timeout
     assert get(m, f"{origin.url}/hello") == "hello"
     assert parent.snapshot().type1_count == 2
+    assert m.wait_for("whose client went away mid-response: more than 1048576 bytes left")
 
 
 def test_connect_rides_a_pooled_connection(mitm, parent, origin, tls_origin):
@@ -334,6 +340,192 @@ def test_status_and_mitmweb_show_the_pool(tmp_path, parent, origin):
         web = Web(m, web_port)
         status = web.command("ntlm.status")
         assert "pool: 1 idle" in status and "2 reused" in status, status
+        assert "0 waited up to 50 ms (0 in vain), 0 read to the end" in status, status
         assert "1 authenticated, 2 reused" in status, status
         comments = [f.get("comment", "") for f in web.flows()]
         assert sum("reused pooled connection" in c for c in comments) == 2, comments
+
+
+def abandon(m, url: str, after: float) -> None:  # type: ignore[no-untyped-def]
+    """A client that sends a request and goes away `after` seconds later, unanswered."""
+    host, port = m.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: origin\r\n\r\n".encode())
+        time.sleep(after)
+
+
+def test_a_client_that_gives_up_leaves_the_logon_behind(mitm, parent, origin):
+    # The client goes away while the parent works on its request: the connection is read to
+    # the end of that response and pooled (as Px keeps its connections), and the request is
+    # not sent again (it was: "closed by the parent", a replay for nobody).
+    m = mitm(parent.url, CREDS, env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    abandon(m, f"{origin.url}/slow/600", after=0.2)
+    assert m.wait_for("read the last", timeout=5)
+    assert get(m, f"{origin.url}/hello?after") == "hello"  # not the abandoned "slow"
+    stats = parent.snapshot()
+    assert stats.type3_count == 1 and stats.connections == 1
+    assert [r.path for r in origin.requests] == ["/hello", "/slow/600", "/hello?after"]
+    assert "closed by the parent" not in m.output
+
+
+def test_busy_connections_are_waited_for_briefly_before_logging_on(mitm, parent, origin):
+    # 8 clients at once, one new client connection per request: with ntlm_pool_grace the
+    # requests take turns on the connection being opened instead of each logging on.
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_grace": 2000}, env=ENV)
+    errors: list[str] = []
+
+    def client(n: int) -> None:
+        for i in range(4):
+            r = curl("-x", m.url, f"{origin.url}/hello?{n}-{i}", timeout=30)
+            if r.stdout != "hello":
+                errors.append(f"{n}-{i}: {r.stdout[:100]!r} {r.stderr[:200]}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    stats = parent.snapshot()
+    assert len(stats.requests) == 32
+    assert stats.type3_count == 1 and stats.connections == 1
+
+
+def test_a_grace_wait_that_ends_opens_another_connection(mitm, parent, origin):
+    # The only connection is busy for longer than ntlm_pool_grace (300 ms): the next client
+    # waits that long, then logs on again rather than waiting for the slow response.
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_grace": 300}, env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    slow = threading.Thread(target=get, args=(m, f"{origin.url}/slow/3000"))
+    slow.start()
+    try:
+        assert m.wait_for("reused pooled connection")
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert get(m, f"{origin.url}/hello?meanwhile") == "hello"
+        assert time.monotonic() - started >= 0.29
+        assert slow.is_alive()  # answered before the slow response: it did not wait for it
+    finally:
+        slow.join(15)
+    assert parent.snapshot().type3_count == 2
+    assert m.wait_for("came free within 300 ms; opening another")
+
+
+class _Scripted:
+    """A loopback server that sends `parts` (bytes, or a float: a pause) to each client."""
+
+    def __init__(self, parts: list[bytes | float]) -> None:
+        self.parts = parts
+
+    async def __aenter__(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for part in self.parts:
+                if isinstance(part, float):
+                    await asyncio.sleep(part)
+                else:
+                    writer.write(part)
+                    await writer.drain()
+            await reader.read()  # until the pool closes its end
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def _salvage(parts: list[bytes | float], chunked_seen: bytes | None = None, **limits: float
+             ) -> tuple[bool, ParentPool]:
+    """Salvage a connection whose server sends `parts` (after the head and `chunked_seen`
+    of a chunked body, if given): was it pooled?"""
+    request = wire.parse_request_head(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
+    key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
+
+    async def run() -> tuple[bool, ParentPool]:
+        pool = ParentPool(30, 4, **limits)  # type: ignore[arg-type]
+        async with _Scripted(parts) as (reader, writer):
+            pool.track(key, writer)
+            entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
+            framer = None
+            if chunked_seen is not None:
+                framer = wire.BodyFramer(None, chunked=True)
+                framer.feed(chunked_seen)
+            pool.salvage(entry, wire.ResponseRest(request, 407, framer=framer))
+            while pool._salvaging:  # the pool's own task set: nothing to poll for otherwise
+                await asyncio.sleep(0.01)
+            kept = pool.take(key) is entry
+            assert kept != writer.is_closing()
+            pool.close_all()
+            await asyncio.sleep(0.05)  # the server sees the close
+            return kept, pool
+    return asyncio.run(run())
+
+
+def test_salvage_keeps_only_connections_whose_response_ends_cleanly():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow"
+    kept, pool = _salvage([0.05, ok[:20], 0.05, ok[20:]])
+    assert kept and pool.stats.salvaged == 1
+    kept, _ = _salvage([b"lo\r\n", 0.05, b"0\r\n\r\n"], chunked_seen=b"5\r\nhel")
+    assert kept  # the rest of a chunk, then the last chunk
+    for parts in ([ok + b"X"],  # a byte beyond the response
+                  [b"HTTP/1.1 407 Auth\r\nContent-Length: 0\r\n\r\n"],
+                  [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]):  # then nothing
+        kept, pool = _salvage(parts, salvage_seconds=0.3)
+        assert not kept and pool.stats.salvage_failed == 1
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    kept, _ = _salvage([big], salvage_bytes=1000)
+    assert not kept
+
+
+def test_a_connection_handed_over_as_the_wait_times_out_is_not_lost():
+    # The timeout's cancel and the hand-over land in the same loop turn: the waiter must
+    # still get the connection. (It was dropped, yet counted as busy for ever: after 16 such
+    # turns every request of the user waited ntlm_pool_wait and logged on again.)
+    key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
+
+    async def run() -> None:
+        pool = ParentPool(30, 4, grace=0.05)
+        async with _Scripted([]) as (reader, writer):
+            pool.track(key, writer)
+            entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
+            waiter = pool.wait(key, grace=True)
+            task = asyncio.get_running_loop().create_task(pool.next_free(waiter, grace=True))
+            await asyncio.sleep(0)  # waiting, with its 50 ms timeout running
+            asyncio.get_running_loop().call_later(0.01, pool.put, entry)
+            time.sleep(0.1)  # both due in the same turn: the hand-over runs first
+            assert await task is entry
+            assert pool.stats.grace_timeouts == 0 and pool.live(key) == 1
+            pool.close_all()
+            writer.close()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+
+
+def test_a_connection_handed_to_a_request_that_is_cancelled_passes_on():
+    # put() hands the connection over, and in the same turn the waiting request is cancelled
+    # (its client closed): the connection goes to the next waiter instead of being lost.
+    key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
+
+    async def run() -> None:
+        pool = ParentPool(30, 4)
+        async with _Scripted([]) as (reader, writer):
+            pool.track(key, writer)
+            entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
+            loop = asyncio.get_running_loop()
+            first = loop.create_task(pool.next_free(pool.wait(key)))
+            second = loop.create_task(pool.next_free(pool.wait(key)))
+            await asyncio.sleep(0)
+            pool.put(entry)  # to the first waiter ...
+            first.cancel()  # ... which is cancelled before it runs again
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert await second is entry
+            pool.close_all()
+            writer.close()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(run())

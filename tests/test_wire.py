@@ -102,3 +102,34 @@ def test_persistent_keeps_the_parent_connection_for_ntlm() -> None:
         b"GET http://a/ HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: keep-alive, te\r\n\r\n")
     assert persistent(b"GET http://a/ HTTP/1.0\r\nHost: a\r\n\r\n").endswith(
         b"\r\nConnection: keep-alive\r\n\r\n")
+
+
+def test_the_rest_of_an_abandoned_response_is_framed_exactly() -> None:
+    get = wire.parse_request_head(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    rest = wire.ResponseRest(get, 407, head_bytes=head[:10])
+    assert not rest.feed(head[10:])
+    assert not rest.feed(b"hel")
+    assert rest.feed(b"lo")
+    chunked = wire.ResponseRest(get, 407, framer=wire.BodyFramer(None, chunked=True))
+    assert not chunked.feed(b"5\r\nhello\r\n")
+    assert chunked.feed(b"0\r\n\r\n")
+    # a HEAD's response has no body, whatever its Content-Length says
+    head_req = wire.parse_request_head(b"HEAD http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
+    assert wire.ResponseRest(head_req, 407).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 407 Auth\r\nContent-Length: 0\r\n\r\n",  # the parent wants a new handshake
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nbody until the close",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",  # bytes beyond the end
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"SSH-2.0-not http\r\n\r\n",
+])
+def test_an_abandoned_response_that_cannot_end_cleanly_is_refused(response: bytes) -> None:
+    get = wire.parse_request_head(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
+    with pytest.raises(wire.WireError):
+        wire.ResponseRest(get, 407).feed(response)

@@ -65,7 +65,7 @@ CREDENTIAL_OPTIONS = (
     "proxyauth",
 )
 POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max", "ntlm_pool_connections",
-                "ntlm_pool_wait")
+                "ntlm_pool_wait", "ntlm_pool_grace")
 
 
 class NtlmUpstreamAuth:
@@ -164,6 +164,11 @@ class NtlmUpstreamAuth:
         loader.add_option("ntlm_pool_wait", int, 5,
                           "Seconds a request waits for a busy parent connection of its user "
                           "(ntlm_pool_connections) before it opens another one.")
+        loader.add_option("ntlm_pool_grace", int, 50,
+                          "Milliseconds a request waits for a busy parent connection of its "
+                          "user when it finds none idle (and fewer than ntlm_pool_connections "
+                          "open) before it opens another one, i.e. logs on again. Busy "
+                          "connections usually come free within milliseconds; 0: never wait.")
         loader.add_option("ntlm_show_legs", bool, False,
                           "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
                           "own in mitmweb and the console; Type 3 responses are redacted.")
@@ -326,16 +331,17 @@ class NtlmUpstreamAuth:
         """(Re)build the connection pool: a new policy or pool option drops pooled connections."""
         opts = ctx.options
         if min(opts.ntlm_pool_idle, opts.ntlm_pool_max, opts.ntlm_pool_connections,
-               opts.ntlm_pool_wait) < 0:
-            raise exceptions.OptionsError("ntlm_pool_idle, ntlm_pool_max, ntlm_pool_connections "
-                                          "and ntlm_pool_wait must be 0 or more")
+               opts.ntlm_pool_wait, opts.ntlm_pool_grace) < 0:
+            raise exceptions.OptionsError("ntlm_pool_idle, ntlm_pool_max, ntlm_pool_connections, "
+                                          "ntlm_pool_wait and ntlm_pool_grace must be 0 or more")
         if self.policy is None or not opts.ntlm_pool or not opts.ntlm_pool_idle \
                 or not opts.ntlm_pool_max:
             mitmproxy_internals.set_pool(None)
             return
         mitmproxy_internals.set_pool(ParentPool(
             float(opts.ntlm_pool_idle), opts.ntlm_pool_max,
-            per_key=opts.ntlm_pool_connections, wait_timeout=float(opts.ntlm_pool_wait)))
+            per_key=opts.ntlm_pool_connections, wait_timeout=float(opts.ntlm_pool_wait),
+            grace=opts.ntlm_pool_grace / 1000))
 
     def running(self) -> None:
         if self.policy is None:
@@ -516,7 +522,10 @@ class NtlmUpstreamAuth:
             lines.append(f"pool: {len(pool)} idle (max {pool.max_idle}, {pool.idle_timeout:g} s"
                          f"{per}); {st.reused} reused, {st.released} returned, {st.expired} "
                          f"expired, {st.dead} closed by the parent, {st.evicted} evicted, "
-                         f"{st.waited} waited ({st.wait_timeouts} in vain)")
+                         f"{st.waited} waited ({st.wait_timeouts} in vain), {st.graced} "
+                         f"waited up to {pool.grace * 1000:g} ms ({st.grace_timeouts} in vain), "
+                         f"{st.salvaged} read to the end after their client left "
+                         f"({st.salvage_failed} closed instead)")
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "

@@ -223,6 +223,24 @@ class AuthEngine:
         framer = self._resp_framer
         return self._req_complete and framer is not None and framer.done
 
+    def unfinished_response(self) -> wire.ResponseRest | None:
+        """The request went out whole on this authenticated connection and its response has
+        not ended (the client went away meanwhile): what is left of it, so the connection can
+        be read to the end and pooled instead of closed (None: it cannot be)."""
+        if (not self.track_reuse or not self._reusable or self.state is not ConnState.AUTHENTICATED
+                or self.connect_mode or self._req is None or not self._req_complete
+                or self._req_in or self._skip is not None):
+            return None
+        status = self.target.status
+        if self._passing:
+            framer = self._resp_framer
+            if framer is None or framer.done:
+                return None
+            return wire.ResponseRest(self._req, status, framer=framer)
+        if self.phase is Phase.PLAIN:
+            return wire.ResponseRest(self._req, status, head_bytes=bytes(self._resp_in))
+        return None
+
     def _track_response(self, head: wire.Head) -> None:
         """Frame a passed response, to know when it ends; rule out reuse when it cannot."""
         self._resp_framer = None

@@ -15,7 +15,8 @@ are wrapped:
   writer are replaced by `_ParentStreams`. mitmproxy keeps one server connection for the
   client's lifetime; behind it, the layer lends the socket to the pool after each complete
   response and borrows one of the same parent and user before the next request (waiting for
-  one when the user has `ntlm_pool_connections` busy), as CNTLM and Px do. When mitmproxy
+  one when the user has `ntlm_pool_connections` busy, and `ntlm_pool_grace` long when some
+  are), as CNTLM and Px do. When mitmproxy
   closes it, an idle authenticated socket goes to the pool instead of being closed.
 - `open_connection`: when our layer opens a parent connection and the pool has one of this
   user (or one comes free while it waits), the pooled streams are installed in this handler
@@ -46,6 +47,7 @@ from . import engine as eng
 from .parents import ParentList
 from .policy import AuthUnavailable, UpstreamPolicy
 from .pool import ParentPool, PooledConnection, PoolKey, Reservation, Waiter
+from .wire import ResponseRest
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -202,8 +204,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         pair = streams.detach()
         if pair is None:
             return
-        entry = self.pool_release(streams.conn, *pair)
-        if entry is None or not pool.put(entry):
+        released = self.pool_release(streams.conn, *pair)
+        if released is None or released[1] is not None or not pool.put(released[0]):
             pool.discard(streams.key, pair[1])
 
     def _reacquire(self) -> None:
@@ -229,19 +231,26 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         else:
             engine.needs_new_connection()
 
-    def pool_release(self, conn: connection.Connection, reader: Any,
-                     writer: Any) -> PooledConnection | None:
+    def pool_release(self, conn: connection.Connection, reader: Any, writer: Any
+                     ) -> tuple[PooledConnection, ResponseRest | None] | None:
         """Called when mitmproxy closes a parent connection of this layer: the pool entry to
-        keep instead, if the connection is authenticated, idle and reusable."""
+        keep instead, if the connection is authenticated and idle (rest None), or in the
+        middle of a response that can be read to its end first (the client went away)."""
         engine = self.engine
         if (conn != self.tunnel_connection or engine is None or self._tunnel_open
                 or self._direct or not engine.track_reuse or engine.creds is None
-                or not engine.reusable() or not conn.address):
+                or not conn.address):
             return None
+        rest = None
+        if not engine.reusable():
+            rest = engine.unfinished_response()
+            if rest is None:
+                return None
         key = PoolKey("http", (conn.address[0], conn.address[1]), engine.creds)
-        return PooledConnection(key, reader, writer,
-                                authenticated_at=engine.authenticated_at or time.time(),
-                                uses=self._uses)
+        entry = PooledConnection(key, reader, writer,
+                                 authenticated_at=engine.authenticated_at or time.time(),
+                                 uses=self._uses)
+        return entry, rest
 
     def _open_parent(self, conn: connection.Server,
                      key: PoolKey | None = None) -> layer.CommandGenerator[str | None]:
@@ -263,6 +272,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
                 elif opening.entry is None and releaser is not None:
                     if pool.full(key):
                         opening.wait_for = key
+                    elif pool.worth_waiting(key):  # ntlm_pool_grace: a logon saved, usually
+                        opening.wait_for, opening.grace = key, True
                     else:  # counted from now on: other clients see it while it connects
                         opening.reservation = pool.reserve(key)
             _OPENING[conn] = opening
@@ -370,7 +381,10 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     def _on_parent_closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
         """The parent connection closed before the tunnel opened or a plain request ended."""
         assert self.engine is not None
-        if self.engine.lost_before_answer():
+        # Closed by mitmproxy (its client went away, or the flow was killed), not by the
+        # parent: the parent may be working on the request, so it must not be sent again.
+        by_parent = bool(event.connection.state & connection.ConnectionState.CAN_WRITE)
+        if by_parent and self.engine.lost_before_answer():
             # A pooled connection the parent had closed while it was idle, or no connection came
             # free for a request that waited: replay on a new one.
             streams = self._streams
@@ -481,6 +495,9 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
             return super().receive_data(data)
+        streams = self._streams
+        if streams is not None:
+            streams.seen += len(data)
         return self._run(self._safely(self.engine.from_parent, data), lend=True)
 
     def receive_close(self) -> layer.CommandGenerator[None]:
@@ -571,6 +588,7 @@ class _Opening:
     pool: ParentPool
     entry: PooledConnection | None = None  # pooled streams to use instead of connecting
     wait_for: PoolKey | None = None  # this user has all connections allowed: wait for one
+    grace: bool = False  # ... or has some, all busy: wait for one only ntlm_pool_grace long
     reservation: Reservation | None = None  # counts the connection while it connects
     adopted: bool = False
 
@@ -609,6 +627,8 @@ class _ParentStreams:
         self._eof_sent = False
         self._in_read = False
         self._pending = bytearray()  # written while waiting for a connection
+        self.delivered = 0  # bytes mitmproxy read through these streams ...
+        self.seen = 0  # ... and those the layer's engine got (fewer: some wait in a queue)
         self._waiter: Waiter | None = None
         self._wake: asyncio.Future[None] | None = None
 
@@ -657,9 +677,11 @@ class _ParentStreams:
             if reader is not None:
                 self._in_read = True
                 try:
-                    return await reader.read(n)
+                    data = await reader.read(n)
                 finally:
                     self._in_read = False
+                self.delivered += len(data)
+                return data
             if self._waiter is not None:
                 entry = await self._await_waiter(self._waiter)
                 if entry is not None:
@@ -727,15 +749,24 @@ class _ParentStreams:
         if writer is None or reader is None:
             return
         pool = NtlmUpstreamProxy.pool
-        entry = None
+        released = None
         if layer_ is not None and pool is not None and not self._eof_sent:
             try:
-                entry = layer_.pool_release(self.conn, reader, writer)
+                released = layer_.pool_release(self.conn, reader, writer)
             except Exception:  # never let pooling break a close
                 log.exception("[ntlm] could not return a parent connection to the pool")
         if pool is None:
             writer.close()
-        elif entry is None or not pool.put(entry):
+        elif released is None:
+            pool.discard(self.key, writer)
+        elif released[1] is not None:
+            # Read to its end only what the engine framed in full so far: bytes mitmproxy read
+            # but never handed on would go missing from the count.
+            if self._in_read or self.seen != self.delivered:
+                pool.discard(self.key, writer)
+            else:
+                pool.salvage(*released)
+        elif not pool.put(released[0]):
             pool.discard(self.key, writer)
 
 
@@ -785,7 +816,8 @@ async def _open_connection(self: server.ConnectionHandler,
     try:
         if opening.wait_for is not None:
             key = opening.wait_for
-            opening.entry = pool.take(key) or await _wait_for_connection(pool, key)
+            opening.entry = pool.take(key) or await _wait_for_connection(pool, key,
+                                                                         opening.grace)
             if opening.entry is None:
                 opening.reservation = pool.reserve(key)
         entry = opening.entry
@@ -809,8 +841,19 @@ async def _open_connection(self: server.ConnectionHandler,
         opening.release()
 
 
-async def _wait_for_connection(pool: ParentPool, key: PoolKey) -> PooledConnection | None:
-    """Every connection `key` may have is busy: wait for one, else (timeout) open another."""
+async def _wait_for_connection(pool: ParentPool, key: PoolKey,
+                               grace: bool = False) -> PooledConnection | None:
+    """Every connection `key` may have is busy (`grace`: some are): wait for one, else
+    (timeout) open another. A grace wait that ends with all connections taken meanwhile
+    waits once more, as any request that finds them all busy does."""
+    if grace:
+        waiter = pool.wait(key, grace=True)
+        entry = await pool.next_free(waiter, grace=True) or pool.take(key)
+        if entry is not None or not pool.full(key):
+            if entry is None and waiter.cancelled():
+                log.debug("[ntlm] no connection to %s came free within %g ms; opening another",
+                          key, pool.grace * 1000)
+            return entry
     waiter = pool.wait(key)
     entry = await pool.next_free(waiter)
     if entry is None and waiter.cancelled():

@@ -15,7 +15,14 @@ Rules kept here:
 - at most `max_idle` idle connections in all (the oldest is closed first);
 - at most `per_key` connections per parent and identity, busy or idle (0: no limit): a request
   that finds them all busy waits for one (`wait`) instead of logging on again; `put` hands a
-  returned connection straight to the oldest waiter.
+  returned connection straight to the oldest waiter;
+- with `grace`, a request that finds only some of them busy also waits, but only that long,
+  before it opens another: a connection usually comes free within milliseconds, and each new
+  one is a logon at the domain controller;
+- a connection whose client went away in the middle of a response is read to the end of that
+  response (`salvage`: at most `salvage_bytes` within `salvage_seconds`, else closed) and
+  kept, as Px keeps its connections when a client gives up: a browser that cancels requests
+  would otherwise cost a logon per cancel.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .credentials import Credentials
+from .wire import ResponseRest, WireError
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -72,6 +80,10 @@ class PoolStats:
     evicted: int = 0  # pool full
     waited: int = 0  # requests that found every connection of their user busy and waited
     wait_timeouts: int = 0  # ... and then opened another one
+    graced: int = 0  # requests that found some busy, none idle, and waited up to `grace`
+    grace_timeouts: int = 0  # ... and then opened another one
+    salvaged: int = 0  # abandoned responses read to the end: the connection was kept
+    salvage_failed: int = 0  # ... or could not be (too long, too slow, no framing)
 
 
 Waiter = asyncio.Future[PooledConnection | None]
@@ -94,11 +106,16 @@ class ParentPool:
     """Idle authenticated parent connections, most recently used first per key."""
 
     def __init__(self, idle_timeout: float, max_idle: int, per_key: int = 16,
-                 wait_timeout: float = 5.0) -> None:
+                 wait_timeout: float = 5.0, grace: float = 0.0,
+                 salvage_bytes: int = 1 << 20, salvage_seconds: float = 5.0) -> None:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.per_key = per_key
         self.wait_timeout = wait_timeout
+        self.grace = grace
+        self.salvage_bytes = salvage_bytes
+        self.salvage_seconds = salvage_seconds
+        self._salvaging: set[asyncio.Task[None]] = set()
         self.stats = PoolStats()
         self._idle: dict[PoolKey, list[PooledConnection]] = {}
         self._order: OrderedDict[PooledConnection, None] = OrderedDict()  # oldest first
@@ -142,23 +159,45 @@ class ParentPool:
         """Every connection `key` may have is open (and none idle: callers `take` first)."""
         return self.per_key > 0 and self.live(key) >= self.per_key
 
-    def wait(self, key: PoolKey) -> Waiter:
+    def worth_waiting(self, key: PoolKey) -> bool:
+        """No idle connection of `key`, but one is busy (or connecting): with `grace`, wait
+        that long for it before opening another (callers `take` and check `full` first)."""
+        return self.grace > 0 and self.live(key) > 0
+
+    def wait(self, key: PoolKey, grace: bool = False) -> Waiter:
         """A future for the next connection of `key` that comes free (None: one closed, so a
         new one may be opened). Cancel it to stop waiting."""
-        self.stats.waited += 1
+        if grace:
+            self.stats.graced += 1
+        else:
+            self.stats.waited += 1
         fut: Waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, deque()).append(fut)
         return fut
 
-    async def next_free(self, waiter: Waiter) -> PooledConnection | None:
+    async def next_free(self, waiter: Waiter, grace: bool = False) -> PooledConnection | None:
         """What `waiter` receives: a connection, or None when one closed (a new one may be
-        opened) or when none came free within `wait_timeout` (then `waiter.cancelled()`)."""
+        opened) or when none came free within `wait_timeout` (`grace`: within `grace`), and
+        then `waiter.cancelled()`."""
         try:
-            async with asyncio.timeout(self.wait_timeout):
+            async with asyncio.timeout(self.grace if grace else self.wait_timeout):
                 return await waiter
         except TimeoutError:
-            self.stats.wait_timeouts += 1
+            if waiter.done() and not waiter.cancelled():
+                # Handed over just as the time ran out (the timeout's cancel came first): the
+                # connection is ours; dropping it would leave it counted as busy for ever.
+                return waiter.result()
+            if grace:
+                self.stats.grace_timeouts += 1
+            else:
+                self.stats.wait_timeouts += 1
             return None
+        except asyncio.CancelledError:  # the waiting request is gone (its client closed)
+            if waiter.done() and not waiter.cancelled():
+                entry = waiter.result()  # handed over in the same turn: pass it on
+                if entry is not None and not self.put(entry):
+                    self.discard(entry.key, entry.writer)
+            raise
 
     def closed(self, key: PoolKey) -> None:
         """A connection of `key` closed without coming back: a waiter may open a new one."""
@@ -228,7 +267,45 @@ class ParentPool:
             return entry
         return None
 
+    def salvage(self, entry: PooledConnection, rest: ResponseRest) -> None:
+        """Read what is left of a response nobody waits for, then `put` the connection (it
+        counts as busy meanwhile); close it if that takes too long or too many bytes."""
+        task = asyncio.get_running_loop().create_task(self._salvage(entry, rest))
+        self._salvaging.add(task)
+        task.add_done_callback(self._salvaging.discard)
+
+    async def _salvage(self, entry: PooledConnection, rest: ResponseRest) -> None:
+        read = 0
+        try:
+            async with asyncio.timeout(self.salvage_seconds):
+                done = False
+                while not done:
+                    data = await entry.reader.read(65536)
+                    if not data:
+                        raise WireError("the parent closed the connection")
+                    read += len(data)
+                    if read > self.salvage_bytes:
+                        raise WireError(f"more than {self.salvage_bytes} bytes left")
+                    done = rest.feed(data)
+        except asyncio.CancelledError:  # the pool closed
+            entry.writer.close()
+            raise
+        except (TimeoutError, WireError, OSError) as e:
+            why = f"not within {self.salvage_seconds:g} s" if isinstance(e, TimeoutError) else e
+            self.stats.salvage_failed += 1
+            log.debug("[ntlm] closed a connection to %s whose client went away mid-response: %s",
+                      entry.key, why)
+            self.discard(entry.key, entry.writer)
+            return
+        log.debug("[ntlm] read the last %d bytes of a response nobody waits for; the "
+                  "connection to %s stays authenticated", read, entry.key)
+        self.stats.salvaged += 1
+        if not self.put(entry):
+            self.discard(entry.key, entry.writer)
+
     def close_all(self) -> None:
+        for task in list(self._salvaging):
+            task.cancel()
         for entry in list(self._order):
             self._drop(entry, "pool closed")
         for queue in self._waiters.values():

@@ -232,6 +232,42 @@ class BodyFramer:
         return pos
 
 
+class ResponseRest:
+    """The rest of a response nobody will read (its client went away), fed as the connection
+    delivers it: `feed` returns True once the response ended exactly there, so the
+    connection can carry another request. It raises `WireError` as soon as that cannot be
+    known: an interim, upgrade or `challenge` response, no framing but the close, or bytes
+    beyond the end."""
+
+    def __init__(self, request: Head, challenge: int, head_bytes: bytes = b"",
+                 framer: BodyFramer | None = None) -> None:
+        self._request = request
+        self._challenge = challenge
+        self._in = bytearray(head_bytes)
+        self._framer = framer
+
+    def feed(self, data: bytes) -> bool:
+        framer = self._framer
+        if framer is None:
+            self._in += data
+            raw = split_head(self._in)
+            if raw is None:
+                return False
+            head = parse_response_head(raw)
+            status = head.status
+            if status < 200 or status in (101, self._challenge):
+                raise WireError(f"a {status} response")
+            if not head.keeps_alive() or not self._request.keeps_alive():
+                raise WireError("the connection closes after the response")
+            framer = self._framer = response_framer(head, self._request.first[0])
+            if framer.until_close:
+                raise WireError("the response ends with the connection")
+            data, self._in = bytes(self._in), bytearray()
+        if framer.feed(data) != len(data):
+            raise WireError("bytes beyond the end of the response")
+        return framer.done
+
+
 def response_framer(head: Head, request_method: str) -> BodyFramer:
     """Body framing of a response (RFC 9112 6.3) to a request with `request_method`."""
     status = head.status

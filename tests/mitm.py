@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +129,12 @@ def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
     return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True,
                           timeout=timeout, env=client_env())
+
+
+def run_concurrently(clients: list[Callable[[], None]], timeout: float = 60) -> None:
+    """Start every client in a thread of its own at once, and wait for them all."""
+    threads = [threading.Thread(target=client) for client in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)

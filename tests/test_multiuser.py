@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import random
-import threading
 from urllib.parse import quote
 
 import httpx
@@ -14,7 +14,7 @@ import pytest
 from mitmproxy.io import FlowReader
 
 from constants import TEST_DOMAIN
-from mitm import curl
+from mitm import curl, run_concurrently
 
 USERS = {"CORP\\alice": "Alice-Pass-1", "CORP\\bob": "Bob-Pass-2"}
 MULTI = {"ntlm_multiuser": True, "ntlm_domain": TEST_DOMAIN}
@@ -135,12 +135,8 @@ def test_two_users_never_share_an_upstream_connection(mitm, two_user_parent, ori
                 errors.append(f"keep-alive {user}: {r.status} {body[:200]!r}")
         conn.close()
 
-    threads = [threading.Thread(target=fresh_connections, args=(w,)) for w in range(4)]
-    threads.append(threading.Thread(target=one_keepalive_connection))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_concurrently([*(functools.partial(fresh_connections, w) for w in range(4)),
+                      one_keepalive_connection], timeout=120)
     assert errors == []
     records = two_user_parent.requests
     assert len(records) == 4 * 12 + 20

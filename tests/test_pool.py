@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import http.client
 import io
@@ -18,7 +19,7 @@ import pytest
 from mitmproxy.io import FlowReader
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl
+from mitm import Mitmdump, curl, run_concurrently
 from mitmproxy_ntlm import wire
 from mitmproxy_ntlm.credentials import Credentials
 from mitmproxy_ntlm.pool import ParentPool, PooledConnection, PoolKey
@@ -106,11 +107,7 @@ def test_busy_users_wait_for_their_connections_instead_of_logging_on(mitm, make_
                 errors.append(f"{user}: {body[:200]!r}")
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_concurrently([functools.partial(client, n) for n in range(8)])
     assert errors == []
     stats = two.snapshot()
     assert len(stats.requests) == 48
@@ -140,12 +137,8 @@ def test_requests_with_bodies_wait_their_turn_intact(mitm, parent, origin):
                 errors.append(f"{n}-{i}: {info}")
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_concurrently([functools.partial(client, n) for n in range(4)])
     assert errors == []
     assert time.monotonic() - started < 5  # nobody waited out ntlm_pool_wait
     stats = parent.snapshot()
@@ -381,11 +374,7 @@ def test_busy_connections_are_waited_for_briefly_before_logging_on(mitm, parent,
             if r.stdout != "hello":
                 errors.append(f"{n}-{i}: {r.stdout[:100]!r} {r.stderr[:200]}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_concurrently([functools.partial(client, n) for n in range(8)])
     assert errors == []
     stats = parent.snapshot()
     assert len(stats.requests) == 32

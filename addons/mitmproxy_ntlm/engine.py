@@ -243,18 +243,10 @@ class AuthEngine:
 
     def _track_response(self, head: wire.Head) -> None:
         """Frame a passed response, to know when it ends; rule out reuse when it cannot."""
-        self._resp_framer = None
-        status = head.status
         req = self._req
-        if (status < 200 or status == 101 or req is None or not head.keeps_alive()
-                or not req.keeps_alive()):
+        framer = self._resp_framer = wire.keepalive_framer(head, req) if req is not None else None
+        if framer is None:
             self._reusable = False
-            return
-        framer = wire.response_framer(head, self._req_method())
-        if framer.until_close:
-            self._reusable = False
-            return
-        self._resp_framer = framer
 
     def _frame_response(self, data: bytes | bytearray) -> None:
         framer = self._resp_framer

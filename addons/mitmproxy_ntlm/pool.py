@@ -195,8 +195,8 @@ class ParentPool:
         except asyncio.CancelledError:  # the waiting request is gone (its client closed)
             if waiter.done() and not waiter.cancelled():
                 entry = waiter.result()  # handed over in the same turn: pass it on
-                if entry is not None and not self.put(entry):
-                    self.discard(entry.key, entry.writer)
+                if entry is not None:
+                    self.give_back(entry)
             raise
 
     def closed(self, key: PoolKey) -> None:
@@ -250,6 +250,11 @@ class ParentPool:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return True
 
+    def give_back(self, entry: PooledConnection) -> None:
+        """`put`, or close the connection (telling a waiter) when it cannot be kept."""
+        if not self.put(entry):
+            self.discard(entry.key, entry.writer)
+
     def take(self, key: PoolKey) -> PooledConnection | None:
         """The most recently used live connection for `key`, removed from the pool."""
         stack = self._idle.get(key)
@@ -300,8 +305,7 @@ class ParentPool:
         log.debug("[ntlm] read the last %d bytes of a response nobody waits for; the "
                   "connection to %s stays authenticated", read, entry.key)
         self.stats.salvaged += 1
-        if not self.put(entry):
-            self.discard(entry.key, entry.writer)
+        self.give_back(entry)
 
     def close_all(self) -> None:
         for task in list(self._salvaging):

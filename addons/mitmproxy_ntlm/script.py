@@ -120,5 +120,10 @@ def serve_from(namespace: dict[str, Any]) -> None:
     new_group(namespace)
 
 
-addons = [new_group()]
-"""The same addons as an ordinary addon object, for code that registers addons itself."""
+def __getattr__(name: str) -> Any:
+    """`addons`: the same addons as an ordinary addon object, for code that registers addons
+    itself; built on first use, since `-s addons/ntlm.py` builds its own (`serve_from`)."""
+    if name != "addons":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals()["addons"] = [new_group()]
+    return built

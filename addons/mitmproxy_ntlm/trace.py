@@ -16,6 +16,7 @@ from . import messages
 
 log = logging.getLogger("mitmproxy_ntlm")
 
+
 @dataclass
 class HandshakeTrace:
     """Stages of one NTLM exchange on one parent connection."""

@@ -254,18 +254,26 @@ class ResponseRest:
             if raw is None:
                 return False
             head = parse_response_head(raw)
-            status = head.status
-            if status < 200 or status in (101, self._challenge):
-                raise WireError(f"a {status} response")
-            if not head.keeps_alive() or not self._request.keeps_alive():
-                raise WireError("the connection closes after the response")
-            framer = self._framer = response_framer(head, self._request.first[0])
-            if framer.until_close:
-                raise WireError("the response ends with the connection")
+            if head.status == self._challenge:
+                raise WireError(f"a {head.status} response: the connection needs a new logon")
+            framer = self._framer = keepalive_framer(head, self._request)
+            if framer is None:
+                raise WireError(f"the connection ends with this {head.status} response")
             data, self._in = bytes(self._in), bytearray()
         if framer.feed(data) != len(data):
             raise WireError("bytes beyond the end of the response")
         return framer.done
+
+
+def keepalive_framer(response: Head, request: Head) -> BodyFramer | None:
+    """The framing of a response after which the connection can carry another request; None
+    when it cannot (an interim or upgrade response, `close` on either side, a body that ends
+    with the connection). A malformed framing header raises `WireError`."""
+    status = response.status
+    if status < 200 or status == 101 or not response.keeps_alive() or not request.keeps_alive():
+        return None
+    framer = response_framer(response, request.first[0])
+    return None if framer.until_close else framer
 
 
 def response_framer(head: Head, request_method: str) -> BodyFramer:

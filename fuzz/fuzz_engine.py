@@ -4,11 +4,14 @@
     python fuzz/fuzz_engine.py -max_total_time=300        # libFuzzer options
 
 The input is split into the parent's byte stream and chunk sizes; the engine must only return
-actions, whatever arrives (WireError is the one documented exception of the parsers).
+actions, whatever arrives (WireError is the one documented exception of the parsers). The same
+bytes, as a client's Basic credentials or a secret file, may only raise CredentialError or
+FileRefused.
 """
 
 from __future__ import annotations
 
+import base64
 import sys
 
 import atheris
@@ -16,8 +19,10 @@ import atheris
 with atheris.instrument_imports():
     from mitmproxy_ntlm import engine as eng
     from mitmproxy_ntlm import messages, wire
-    from mitmproxy_ntlm.credentials import SecretSources, build_credentials
+    from mitmproxy_ntlm.credentials import CredentialError, SecretSources, build_credentials
+    from mitmproxy_ntlm.multiuser import client_credentials, decode_basic
     from mitmproxy_ntlm.policy import UpstreamPolicy
+    from mitmproxy_ntlm.userfile import FileRefused, decode_text
 
 CREDS = build_credentials("alice", "CORP", "WS", SecretSources(password="pw"))
 REQUESTS = [
@@ -50,6 +55,20 @@ def one_input(data: bytes) -> None:
     except wire.WireError:
         pass
     messages.describe(data)
+    client_input(data)
+
+
+def client_input(data: bytes) -> None:
+    """A client's Basic credentials and a secret file's bytes: a clear refusal or a result."""
+    try:
+        decode_text(data, "file")
+    except FileRefused:
+        pass
+    for value in (data.decode("latin-1"), "Basic " + base64.b64encode(data).decode()):
+        try:
+            client_credentials(*decode_basic(value), "CORP", "WS")
+        except CredentialError:
+            pass
 
 
 def main() -> None:

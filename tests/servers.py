@@ -328,6 +328,8 @@ class _OriginHandler(_Handler):
             )
         )
         path = self.path.split("?", 1)[0]
+        if path.startswith(("http://", "https://")):  # absolute-form: servers must accept it
+            path = "/" + path.split("/", 3)[-1] if path.count("/") >= 3 else "/"
         parts = path.strip("/").split("/")
         method = self.command
         if method in ("GET", "HEAD") and path == "/hello":

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy.proxy.layers.http import _upstream_proxy
@@ -124,9 +125,10 @@ def test_decode_command_describes_without_secrets() -> None:
     client = spnego.client("CORP\\alice", "pw", hostname="p", protocol="ntlm")
     import base64
 
-    text = addon.decode("NTLM " + base64.b64encode(client.step()).decode())
-    assert text.startswith("type=1") and "ntlm" in text
-    assert re.search(r"error=not valid base64", addon.decode("%%%"))
+    lines = addon.decode("NTLM " + base64.b64encode(client.step()).decode())
+    assert lines[0].startswith("NTLM, ") and "NTLM Type 1 (Negotiate)" in lines[1]
+    assert any(re.search(r"flags:.*\bntlm\b", line) for line in lines)
+    assert addon.decode("%%%") == ["token, not valid base64 (3 characters)"]
     assert os.environ.get("LM_COMPAT_LEVEL") is None  # handshakes restore the environment
 
 
@@ -177,6 +179,8 @@ def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> No
            f"--set ntlm_password_env=PW")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd],
                    check=True)
+    pane = int(subprocess.run(["tmux", "list-panes", "-t", session, "-F", "#{pane_pid}"],
+                              capture_output=True, text=True, check=True).stdout.split()[0])
     try:
         deadline = time.monotonic() + 20
         out = ""
@@ -194,6 +198,23 @@ def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> No
         assert parent.snapshot().accepted_count == 1
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        _stop_process_group(pane)  # the console outlives its killed terminal, busy-looping
+
+
+def _stop_process_group(leader: int) -> None:
+    """Stop the process group `leader` leads (TERM, then KILL after 5 s)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(leader, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(leader, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def test_script_group_exposes_every_hook_and_command_of_its_parts() -> None:
@@ -218,8 +239,10 @@ def test_script_group_exposes_every_hook_and_command_of_its_parts() -> None:
         commands = {getattr(holder, a).command_name for a in dir(holder)
                     if hasattr(getattr(holder, a), "command_name")}
         assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
-        # Every hook name answers (None: nobody has it), without an AttributeError.
-        assert all(hasattr(holder, name) for name in hooks.all_hooks)
+        # Every hook name answers (None: nobody has it), without an AttributeError; but not
+        # add_log: mitmproxy warns "The add_log event has been deprecated" for the attribute.
+        assert all(hasattr(holder, name) for name in hooks.all_hooks if name != "add_log")
+        assert not hasattr(holder, "add_log")
     assert not hasattr(group, "addons")  # mitmproxy would walk the parts again
     assert module.addons == []  # the walk stops at the module
 
@@ -238,48 +261,67 @@ def test_group_offers_only_the_hooks_the_options_need() -> None:
 
     access, router, auth, origin = ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth()
     group = AddonGroup(access, router, auth, origin)
-    per_request = ("requestheaders", "response", "error", "http_connect")
-    routing = ("next_layer", "http_connect")
+    from mitmproxy.test import tflow
+
+    def with_client_basic() -> Any:
+        flow = tflow.tflow()
+        flow.request.headers["Proxy-Authorization"] = "Basic YWxpY2U6cHc="
+        return flow
+
+    per_request = ("response", "error")
+    routing = ("next_layer",)
     with taddons.context(ProxyAuth(), Proxyserver(), group) as tctx:
         tctx.configure(group, mode=["upstream:http://127.0.0.1:3128"], listen_host="127.0.0.1")
-        # Loaded without a user: nothing to do for any flow or connection.
+        # Loaded without a user: nothing to do for any flow or connection, except dropping the
+        # clients' proxy credentials (kept only on a request relayed to the parent, as stock).
         for name in (*per_request, *routing, "client_connected", "client_disconnected",
                      "tls_clienthello"):
             assert getattr(group, name) is None, name
+        assert group.requestheaders == auth.requestheaders
+        assert group.http_connect == auth.http_connect
         assert callable(group.running) and callable(group.done)
+        flow = with_client_basic()
+        group.requestheaders(flow)
+        assert "Proxy-Authorization" in flow.request.headers  # relayed: stock mitmproxy
+        flow = with_client_basic()
+        flow.request.scheme = "https"  # inside a tunnel: goes to the origin
+        group.requestheaders(flow)
+        assert "Proxy-Authorization" not in flow.request.headers
 
         tctx.configure(group, ntlm_username=f"{TEST_DOMAIN}\\{TEST_USER}",
                        ntlm_password=TEST_PASSWORD)
         assert group.response == auth.response and group.error == auth.error
         assert group.next_layer is None and group.client_disconnected is None
-        # requestheaders only refuses known-bad credentials: offered once the guard blocks.
-        assert group.requestheaders is None
+        # requestheaders is always offered: it drops the clients' proxy credentials.
+        assert group.requestheaders == auth.requestheaders  # not the router's
+        flow = with_client_basic()
+        group.requestheaders(flow)
+        assert "Proxy-Authorization" not in flow.request.headers and flow.response is None
         assert auth.policy is not None
         for _ in range(3):
             auth.policy.guard.rejected(f"{TEST_DOMAIN}\\{TEST_USER}")
-        assert group.requestheaders == auth.requestheaders  # not the router's
-        from mitmproxy.test import tflow
         flow = tflow.tflow()
         flow.server_conn.via = ("http", ("127.0.0.1", 3128))
         group.requestheaders(flow)
         assert flow.response is not None and flow.response.status_code == 502
         assert b"stopped sending the credentials" in flow.response.content
-        auth.reset()  # ntlm.reset: the next request finds nothing to refuse and unhooks it
-        group.requestheaders(tflow.tflow())
-        assert group.requestheaders is None
+        auth.reset()  # ntlm.reset: nothing to refuse any more
+        flow = tflow.tflow()
+        group.requestheaders(flow)
+        assert flow.response is None
 
-        tctx.configure(group, ntlm_allow_clients="127.0.0.1", ntlm_origin_hosts="intranet.test")
+        tctx.configure(group, ntlm_allow_clients=["127.0.0.1"], ntlm_origin_hosts=["intranet.test"])
         assert group.client_connected == access.client_connected
         assert group.tls_clienthello == origin.tls_clienthello
 
-        tctx.configure(group, mode=["regular@0"], ntlm_parent="http://127.0.0.1:3128",
+        tctx.configure(group, mode=["regular@0"], ntlm_parent=["http://127.0.0.1:3128"],
                        connection_strategy="lazy")
         assert group.next_layer == router.next_layer
         assert callable(group.requestheaders) and group.requestheaders != auth.requestheaders
 
         # A refused option: mitmproxy configures the old values again, the hooks follow.
         with pytest.raises(exceptions.OptionsError):
-            tctx.configure(group, ntlm_parent="not a url")
+            tctx.configure(group, ntlm_parent=["not a url"])
         assert group.next_layer == router.next_layer
 
         tctx.configure(group, ntlm_multiuser=True, ntlm_username="", ntlm_password="")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # left out of CI's reduced runs on the older mitmproxy lines
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE = ROOT / "bench" / "compare.py"
 TOOLS = ("nginx", "squid", "wrk", "hey", "curl", "openssl")

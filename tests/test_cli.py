@@ -243,7 +243,8 @@ def basic_only_parent() -> Iterator[str]:
 def test_detect_parent_without_ntlm(basic_only_parent: str) -> None:
     r = detect(basic_only_parent, "http://example.com/", password=TEST_PASSWORD)
     assert r.returncode == 1
-    assert "does not offer NTLM (it offers: Basic, Negotiate)" in r.stderr
+    # NTLM inside Negotiate was tried too (as the addon would), and got no challenge either.
+    assert "offers only Negotiate and does not take NTLM inside it: it wants Kerberos" in r.stderr
 
 
 # --------------------------------------------------------------------------- import-cntlm
@@ -320,12 +321,12 @@ def test_import_multi_proxy_conf_and_report(tmp_path: Path) -> None:
     assert config == {
         "mode": ["regular"],
         "connection_strategy": "lazy",
-        "ntlm_parent": "http://10.0.0.41:8080, http://proxy2.corp.example:3128",
-        "ntlm_noproxy": "localhost, 127.0.0.*, 10.*",
+        "ntlm_parent": ["http://10.0.0.41:8080", "http://proxy2.corp.example:3128"],
+        "ntlm_noproxy": ["localhost", "127.0.0.*", "10.*"],
         "listen_host": "0.0.0.0",
         "listen_port": 3128,
         "ntlm_allow_remote": True,
-        "ntlm_allow_clients": "10.0.0.0/8, 127.0.0.1",  # first match wins, then Deny 0/0
+        "ntlm_allow_clients": ["10.0.0.0/8", "127.0.0.1"],  # first match wins, then Deny 0/0
         "ntlm_username": "bob",
         "ntlm_domain": "corp-uk",
         "ntlm_dialect": "ntlmv1",
@@ -365,7 +366,7 @@ def test_imported_allow_deny_rules_admit_the_same_clients(tmp_path: Path, parent
     assert r.returncode == 0, r.stderr
     config = ruamel.yaml.YAML(typ="safe", pure=True).load((confdir / "config.yaml").read_text())
     assert (config["ntlm_allow_clients"], config["ntlm_deny_clients"]) == (
-        "127.0.0.0/8", "127.0.0.2")
+        ["127.0.0.0/8"], ["127.0.0.2"])
     assert config["ntlm_allow_remote"] is True and config["listen_host"] == "127.0.0.1"
     with ConfigOnlyMitmdump(None, confdir=confdir) as m:
         for source, ok in (("127.0.0.1", True), ("127.0.0.2", False), ("127.0.0.3", True)):

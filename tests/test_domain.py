@@ -144,7 +144,8 @@ def test_kerberos_in_mitmweb_flows_and_legs_with_the_token_redacted(domain, doma
         flows = _wait(lambda: [f for f in web.flows() if f.get("comment")])
         [real] = [f for f in flows if not f["comment"].startswith("Kerberos leg")]
         [leg] = [f for f in flows if f["comment"].startswith("Kerberos leg")]
-        assert re.fullmatch(rf"Kerberos as {KERBEROS_PRINCIPAL} via localhost:\d+, 1 leg, \d+ ms",
+        assert re.fullmatch(rf"Kerberos as {KERBEROS_PRINCIPAL} via localhost:\d+, 1 leg, \d+ ms"
+                            rf"; handshake requests listed above it: {leg['id'][:8]}",
                             real["comment"])
         dumped = web.dump()
         story = next(f for f in FlowReader(io.BytesIO(dumped)).stream() if "ntlm" in f.metadata)

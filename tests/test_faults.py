@@ -3,13 +3,15 @@ other clients of the same proxy keep working, and nothing secret leaks."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
+from test_secret_inputs import Web, free_port
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import curl
+from mitm import Mitmdump, curl
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 
@@ -58,3 +60,29 @@ def test_fault_is_contained(mitm, parent, make_parent, origin, tmp_path, fault, 
     assert float(affected["seconds"]) < 10  # type: ignore[arg-type]
     assert m.proc and m.proc.poll() is None
     assert TEST_PASSWORD not in m.output
+
+
+@pytest.mark.parametrize("swap", ["fifo", "directory", "latin1"])
+def test_a_bad_password_file_set_at_runtime_is_refused_and_the_proxy_keeps_serving(
+        parent, origin, tmp_path, swap):
+    """Set in mitmweb's options editor while the proxy runs: configure runs on the event loop,
+    so a blocking read of a FIFO would stall every client. Refused at once, old identity kept."""
+    bad = tmp_path / "bad"
+    if swap == "fifo":
+        os.mkfifo(bad, 0o600)
+    elif swap == "directory":
+        bad.mkdir(mode=0o700)
+    else:
+        bad.write_bytes("Pässwörd\n".encode("latin-1"))
+        bad.chmod(0o600)
+    web_port = free_port()
+    m = Mitmdump(parent.url, {**CREDS, "web_port": web_port}, confdir=tmp_path, tool="mitmweb",
+                 env={"PW": TEST_PASSWORD})
+    with m:
+        web = Web(m, web_port)
+        r = web.set(ntlm_password_env="", ntlm_password_file=str(bad))
+        assert r.status_code == 400, r.text
+        assert {"fifo": "named pipe", "directory": "is a directory",
+                "latin1": "is not UTF-8"}[swap] in r.text
+        assert curl("-x", m.url, f"{origin.url}/hello", timeout=10).stdout == "hello"
+        assert m.proc and m.proc.poll() is None

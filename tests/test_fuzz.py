@@ -7,16 +7,25 @@ no other exception escapes, and it terminates. (A longer atheris run: fuzz/fuzz_
 from __future__ import annotations
 
 import base64
+import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mitmproxy_ntlm import engine as eng
 from mitmproxy_ntlm import messages, wire
-from mitmproxy_ntlm.credentials import SecretSources, build_credentials
+from mitmproxy_ntlm.credentials import (
+    CredentialError,
+    Credentials,
+    SecretSources,
+    build_credentials,
+    read_secret_text,
+)
+from mitmproxy_ntlm.multiuser import client_credentials, decode_basic
 from mitmproxy_ntlm.policy import UpstreamPolicy
+from mitmproxy_ntlm.userfile import FileRefused, decode_text
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -141,3 +150,75 @@ def test_garbage_framing_of_a_hidden_407_fails_cleanly(authenticated: bool) -> N
                                  + b"\r\nContent-Length: abc\r\n\r\n")
     [error] = [a for a in actions if isinstance(a, eng.ToChild)]
     assert error.data.startswith(b"HTTP/1.1 502") and b"bad Content-Length" in error.data
+
+
+ANY_CHARACTER = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=())
+HUGE = st.builds(lambda piece, times: piece * times, st.binary(min_size=1, max_size=40),
+                 st.integers(1, 5000))  # up to 200 KB
+
+
+def basic(raw: bytes, scheme: str = "Basic") -> str:
+    return f"{scheme} {base64.b64encode(raw).decode()}"
+
+
+@FUZZ
+@given(st.one_of(
+    st.text(ANY_CHARACTER, max_size=300),  # surrogates and control characters included
+    st.builds(basic, st.one_of(st.binary(max_size=300), HUGE)),
+    st.builds(basic, st.text(ANY_CHARACTER.filter(lambda c: not "\ud800" <= c <= "\udfff"),
+                             max_size=100).map(str.encode)),
+    st.builds(basic, st.binary(max_size=50), st.sampled_from(["basic", "BASIC", "Basic\t",
+                                                              "Bearer", "NTLM", ""])),
+))
+@example(basic(b"DOM\\:pw"))  # no user name
+@example(basic(b"alice\r\nforged log line:pw"))
+@example(basic(b"a" * 100_000 + b":pw"))
+@example("Basic " + "QUFB" * 50_000)
+def test_basic_credentials_decode_or_fail_clearly(value: str) -> None:
+    """Whatever a client puts in Proxy-Authorization: a CredentialError, or a user and password
+    that are exactly what the client encoded, usable for a logon."""
+    try:
+        user, password = decode_basic(value)
+        creds = client_credentials(user, password, "CORP", "WS")
+    except CredentialError:
+        return
+    assert ":" not in user and password
+    assert isinstance(creds, Credentials) and creds.user and len(creds.nt_hash) == 16
+    raw = base64.b64decode(value.split(None, 1)[1])
+    try:
+        assert raw.decode("utf-8") == f"{user}:{password}"
+    except UnicodeDecodeError:
+        assert raw.decode("latin-1") == f"{user}:{password}"
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(bytes.__add__, st.sampled_from([b"\xef\xbb\xbf", b"\xff\xfe",
+                                                           b"\xfe\xff"]),
+                           st.binary(max_size=100))))
+def test_secret_file_bytes_decode_or_fail_clearly(data: bytes) -> None:
+    """Any file content: text without a byte order mark or NUL, or a clear refusal."""
+    try:
+        text = decode_text(data, "file")
+    except FileRefused as e:
+        assert str(e).startswith("file ")
+        return
+    assert not text.startswith("\ufeff") and "\x00" not in text
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_secret_file_reading_gives_a_password_or_a_credential_error(data: bytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "pw")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+        try:
+            creds = build_credentials("alice", "CORP", "WS", SecretSources(password_file=path))
+        except CredentialError:
+            return
+        assert read_secret_text(path).splitlines()[0]
+        assert len(creds.nt_hash) == 16

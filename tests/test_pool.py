@@ -518,3 +518,83 @@ def test_a_connection_handed_to_a_request_that_is_cancelled_passes_on():
             await asyncio.sleep(0.05)
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------ bytes outside a response
+
+STRAY_GET = b"GET http://origin.test/mine HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+
+
+def _pooled_engine(request: bytes = STRAY_GET):  # type: ignore[no-untyped-def]
+    """An engine on a connection lent by the pool, its request sent."""
+    from mitmproxy_ntlm import engine as eng
+    from mitmproxy_ntlm.policy import UpstreamPolicy
+
+    creds = Credentials("alice", "CORP", "WS", b"\1" * 16)
+    engine = eng.AuthEngine(UpstreamPolicy(creds=creds), "parent:8080", "client:1",
+                            target_host="parent", client_id="c1")
+    engine.track_reuse = True
+    engine.adopt(creds, time.time(), 2)
+    assert {type(a) for a in engine.from_child(request)} == {eng.ToParent}
+    return eng, engine
+
+
+def test_bytes_after_a_complete_response_are_dropped_and_close_the_connection():
+    eng, engine = _pooled_engine()
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    actions = engine.from_parent(response + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
+    assert b"".join(a.data for a in actions if isinstance(a, eng.ToChild)) == response
+    assert any(isinstance(a, eng.CloseParent) for a in actions)
+    assert not engine.reusable() and engine.stray
+    assert engine.from_parent(b"more") == []  # nothing else from it reaches anyone
+
+
+@pytest.mark.parametrize(("request_", "retried"), [(STRAY_GET, True), (
+    b"POST http://origin.test/mine HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 1\r\n\r\nx",
+    False)])
+def test_a_response_that_does_not_start_cleanly_is_retried_or_failed_unquoted(request_, retried):
+    eng, engine = _pooled_engine(request_)
+    left_over = b"tail of GET http://origin.test/someone-elses-secret\r\n"
+    actions = engine.from_parent(left_over + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    if retried:  # safe to send again: on another connection, nothing shown meanwhile
+        assert [type(a) for a in actions] == [eng.Reconnect]
+    else:
+        [page] = [a.data for a in actions if isinstance(a, eng.ToChild)]
+        assert page.startswith(b"HTTP/1.1 502") and b"not an HTTP response" in page
+        assert b"tail" not in page and b"secret" not in page
+    assert engine.stray
+
+
+def _sequential_clients(m, origin, n: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """`n` curl processes one after the other, each its own client connection."""
+    out = []
+    for i in range(n):
+        r = curl("-x", m.url, "-w", "\n%{http_code}", f"{origin.url}/hello?client={i}",
+                 timeout=30)
+        out.append(r.stdout)
+    return out
+
+
+def test_the_tail_of_an_overlong_body_never_reaches_the_next_client(mitm, make_parent, origin):
+    # The parent sends the tail of each body (naming its request) 100 ms after the response:
+    # the next client's request is on the pooled connection by then. It was answered with a
+    # 502 quoting those bytes; now it is sent again on another connection.
+    bad = make_parent(fault="overlong_body")
+    m = mitm(bad.url, CREDS, env=ENV)
+    outputs = _sequential_clients(m, origin, 5)
+    assert outputs == ["hello\n200"] * 5, outputs
+    assert m.wait_for("no longer shared between client connections")
+
+
+def test_a_stray_response_reaches_no_client_once_seen(mitm, make_parent, origin):
+    # An unsolicited second response 100 ms after each response: it went to every other
+    # client. HTTP/1.1 cannot tell it from the answer to a request already sent on the
+    # connection, so the first one may still land there; once seen, the parent's
+    # connections are no longer shared between clients and no client gets another's bytes.
+    bad = make_parent(fault="stray_response")
+    m = mitm(bad.url, CREDS, env=ENV)
+    outputs = _sequential_clients(m, origin, 6)
+    strays = [i for i, out in enumerate(outputs) if "stray response" in out]
+    assert strays in ([], [1]), outputs
+    assert outputs[2:] == ["hello\n200"] * 4, outputs
+    assert m.wait_for("no longer shared between client connections")

@@ -56,10 +56,10 @@ def test_no_secret_in_any_log_line_or_flow(tmp_path: Path, make_parent, origin, 
     common = {"ntlm_show_legs": True,  # the runner already sets termlog_verbosity=debug
               "ssl_verify_upstream_trusted_ca": str(tls_origin.cert_path)}
 
-    def run(options: dict, scenario) -> None:  # type: ignore[no-untyped-def]
+    def run(options: dict, scenario, env: dict | None = None) -> None:  # type: ignore[no-untyped-def]
         web_port = _free_port()
         m = Mitmdump(parent.url, {**common, **options, "web_port": web_port},
-                     confdir=tmp_path, tool="mitmweb")
+                     confdir=tmp_path, tool="mitmweb", env=env)
         with m:
             scenario(m)
             time.sleep(0.3)
@@ -84,7 +84,9 @@ def test_no_secret_in_any_log_line_or_flow(tmp_path: Path, make_parent, origin, 
 
     single = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
     run({**single, "ntlm_password_file": str(pw)}, single_user)
-    run({**single, "ntlm_password": "Wrong-Pass-9"}, wrong_password)
+    # (mitmweb refuses the plaintext ntlm_password option: test_secret_inputs.py)
+    run({**single, "ntlm_password_env": "WRONG_PW"}, wrong_password,
+        env={"WRONG_PW": "Wrong-Pass-9"})
     run({"ntlm_multiuser": True, "ntlm_domain": TEST_DOMAIN}, multi_user)
 
     everything = "\n".join(captured)

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
+pytestmark = pytest.mark.slow  # left out of CI's reduced runs on the older mitmproxy lines
+
 SOAK_PATH = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 

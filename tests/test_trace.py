@@ -48,7 +48,8 @@ class Web:
         r = self.client.post(f"{self.base}/commands/{name}", json={"arguments": list(args)},
                              headers={"X-XSRFToken": self.xsrf})
         assert r.status_code == 200, r.text
-        return str(r.json().get("value", r.json()))
+        value = r.json().get("value", r.json())
+        return "\n".join(value) if isinstance(value, list) else str(value)  # commands' lines
 
 
 def _wait(predicate, timeout: float = 10):  # type: ignore[no-untyped-def]
@@ -81,10 +82,27 @@ def test_trace_in_log_flows_and_mitmweb(tmp_path: Path, parent, origin) -> None:
         real = [f for f in flows if not f["comment"].startswith("NTLM leg")]
         legs = [f for f in flows if f["comment"].startswith("NTLM leg")]
         assert len(real) == 1
+        main = real[0]
         assert re.fullmatch(rf"NTLMv2 as {re.escape(PRINCIPAL)} via 127\.0\.0\.1:\d+, 3 legs, "
-                            r"\d+ ms", real[0]["comment"])
-        # The hidden legs as flows: GET+Type 1 -> 407+Type 2, GET+Type 3 -> 200.
+                            rf"\d+ ms; handshake requests listed above it: "
+                            rf"{legs[0]['id'][:8]}, {legs[1]['id'][:8]}", main["comment"])
+        # The hidden legs as flows: GET+Type 1 -> 407+Type 2, GET+Type 3 -> 200, listed
+        # before the flow they belong to (as Fiddler does), each naming it.
         assert [f["response"]["status_code"] for f in legs] == [407, 200]
+        assert [f["id"] for f in flows] == [legs[0]["id"], legs[1]["id"], main["id"]]
+        assert legs[0]["comment"].startswith(
+            f"NTLM leg 1 of 2 for GET {origin.url}/hello (flow {main['id'][:8]}): Type 1 -> "
+            f"407 Type 2 challenge from 127.0.0.1:")
+        assert legs[1]["comment"].startswith(
+            f"NTLM leg 2 of 2 for GET {origin.url}/hello (flow {main['id'][:8]}): Type 3 as "
+            f"{PRINCIPAL} (NTLMv2, responses not shown) -> 200")
+        # Each leg has its own real times, not a shared timestamp and 0 ms.
+        first, second = (f["request"]["timestamp_start"] for f in legs)
+        assert main["request"]["timestamp_start"] <= first < second
+        for leg in legs:
+            assert leg["request"]["timestamp_start"] <= leg["response"]["timestamp_start"] \
+                <= leg["response"]["timestamp_end"]
+        assert legs[0]["response"]["timestamp_end"] <= second
         dumped = list(FlowReader(io.BytesIO(web.dump())).stream())
         story = next(f for f in dumped if "ntlm" in f.metadata)
         meta = story.metadata["ntlm"]
@@ -96,13 +114,20 @@ def test_trace_in_log_flows_and_mitmweb(tmp_path: Path, parent, origin) -> None:
         leg1 = next(f for f in dumped if f.metadata.get("ntlm_leg", {}).get("leg") == 1)
         assert leg1.metadata["ntlm_leg"]["sent"]["type"] == 1
         assert "netbios_computer" in leg1.metadata["ntlm_leg"]["received"]
+        assert leg1.response.text == "Proxy authentication required.\n"  # the parent's 407 page
+        assert leg1.request.headers["Proxy-Authorization"].startswith("NTLM TlRMTVNT")
+        assert leg1.response.headers["Proxy-Authenticate"].startswith("NTLM TlRMTVNT")
         leg2 = next(f for f in dumped if f.metadata.get("ntlm_leg", {}).get("leg") == 2)
         assert "[Type 3 redacted" in leg2.request.headers["Proxy-Authorization"]
+        assert leg2.metadata["ntlm_leg"]["sent"]["user"] == TEST_USER
+        assert {leg1.metadata["ntlm_leg"]["flow"], leg2.metadata["ntlm_leg"]["flow"]} == \
+            {story.id}
+        assert story.metadata["ntlm_legs"] == [leg1.id, leg2.id]
         status = web.command("ntlm.status")
         assert PRINCIPAL in status and "1 authenticated" in status
         type1 = "TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw=="
         decoded = web.command("ntlm.decode", type1)
-        assert decoded.startswith("type=1")
+        assert "NTLM Type 1 (Negotiate)" in decoded  # lines, as the console shows them
         # Log lines for every stage, with parent and client.
         for stage in ("Type 1 sent", "407 received", "Type 2 received", "Type 3 sent",
                       "result=authenticated"):
@@ -116,9 +141,10 @@ def test_failures_are_marked_and_passthrough_connect_is_annotated(tmp_path: Path
                                                                    tls_origin) -> None:
     web_port = _free_port()
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
-                              "ntlm_password": "not-the-password", "web_port": web_port,
+                              "ntlm_password_env": "PW", "web_port": web_port,
                               "ntlm_show_legs": True},
-                 "--ignore-hosts", ".*", confdir=tmp_path, tool="mitmweb")
+                 "--ignore-hosts", ".*", confdir=tmp_path, tool="mitmweb",
+                 env={"PW": "not-the-password"})
     with m:
         r = curl("-x", m.url, f"{origin.url}/hello")
         assert "rejected the NTLM credentials" in r.stdout
@@ -132,6 +158,42 @@ def test_failures_are_marked_and_passthrough_connect_is_annotated(tmp_path: Path
                                                for f in web.flows()]
         for f in flows:
             assert f["comment"].startswith("parent 127.0.0.1:") and PRINCIPAL in f["comment"]
+        # The passed-through CONNECT shows the parent's 407 and its page, not the 200
+        # mitmproxy had answered before the handshake; the comment says what the client got.
+        connect = next(f for f in flows if f["request"]["method"] == "CONNECT")
+        assert connect["response"]["status_code"] == 407, connect["response"]
+        assert "the client had been told 200 Connection established before the handshake" \
+            in connect["comment"]
+        # (Its page is kept as far as it had arrived with the head: the rejection ends the
+        # connection at once, so it is not asserted here; the Type 2 leg's page always is.)
         everything = m.output + str(web.flows()) + web.dump().decode("latin-1")
     assert len(parent.type3_tokens) == 2
     assert secrets_in(everything, parent.type3_tokens) == []
+
+
+def test_leg_flows_keep_a_bounded_dechunked_407_page_and_their_own_times() -> None:
+    """Sans-I/O: a leg flow shows the parent's chunked 407 page as text, at most BODY_LIMIT
+    bytes of it are kept, and each leg has the times its exchange had."""
+    from mitmproxy.test import tflow
+
+    from mitmproxy_ntlm.legflows import leg_flows, parent_answer
+    from mitmproxy_ntlm.trace import BODY_LIMIT, HandshakeTrace
+
+    trace = HandshakeTrace("parent:3128", "client", "GET http://example/")
+    trace.sent(b"GET http://example/ HTTP/1.1\r\nHost: example\r\n\r\n")
+    trace.received(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+    trace.received_body(b"6\r\nDenied\r\n", done=False)
+    trace.received_body(b"1;ext=1\r\n.\r\n0\r\n\r\n")
+    trace.sent(b"GET http://example/ HTTP/1.1\r\nHost: example\r\n\r\n")
+    trace.received(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 9000\r\n\r\n")
+    trace.received_body(b"x" * 9000)
+    main = tflow.tflow()
+    first, second = leg_flows(trace, main.client_conn, main.server_conn, belongs_to=main)
+    assert first.response.text == "Denied."
+    assert len(second.response.raw_content) == BODY_LIMIT
+    assert first.request.timestamp_start < second.request.timestamp_start
+    assert first.timestamp_created < second.timestamp_created < main.timestamp_created
+    assert first.comment.startswith(f"NTLM leg 1 of 2 for GET {main.request.pretty_url} "
+                                    f"(flow {main.id[:8]}): no token -> 407")
+    assert parent_answer(trace).status_code == 407

@@ -268,6 +268,7 @@ def test_bad_options_refuse_to_start(mitm, parent, tmp_path):
     assert "chmod 600" in m.output
 
 
+@pytest.mark.slow
 def test_git_clone_through_addon(mitm, parent, git_server, password_file, tmp_path):
     m = mitm(parent.url, {**CREDS, "ntlm_password_file": password_file})
     r = subprocess.run(["git", "clone", "-q", git_server.url, str(tmp_path / "clone")],
@@ -278,6 +279,7 @@ def test_git_clone_through_addon(mitm, parent, git_server, password_file, tmp_pa
     assert parent.snapshot().accepted_count >= 1
 
 
+@pytest.mark.slow
 def test_pip_download_through_addon(mitm, parent, package_index, password_file, tmp_path):
     import sys
 
@@ -308,3 +310,18 @@ def test_https_wrong_password_one_type3_and_readable_error(mitm, parent, tls_ori
     assert r.returncode != 0  # 200 went out before the handshake: the tunnel is dropped
     assert parent.snapshot().type3_count == 2
     assert passthrough.wait_for("rejected the NTLM credentials")
+
+
+def test_silent_parent_on_intercepted_https_costs_one_connect(mitm, make_parent, tls_origin,
+                                                               password_file):
+    # mitmproxy's TLS layer connects early (eager) and its HTTP layer connected again for the
+    # request: two CONNECTs, two handshake timeouts, then mitmproxy's 502. Now the failed
+    # tunnel is not opened again and the request inside it gets the documented 504.
+    parent = make_parent(fault="never_answer")
+    m = mitm(parent.url, {**CREDS, "ntlm_password_file": password_file,
+                          "ntlm_handshake_timeout": 1})
+    r = curl("--cacert", str(m.ca_cert), "-x", m.url, "-w", "\n%{http_connect} %{http_code}",
+             f"{tls_origin.url}/hello", timeout=20)
+    assert r.stdout.endswith("200 504"), r.stdout  # mitmproxy answered the CONNECT itself
+    assert "did not answer the NTLM handshake within 1 s" in r.stdout
+    assert parent.connections == 1

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode
+
+from . import options
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -23,15 +26,13 @@ ACCESS_OPTIONS = {"mode", "listen_host", "ntlm_allow_remote", "ntlm_allow_client
                   "ntlm_deny_clients", "proxyauth", "ntlm_multiuser", "ntlm_username"}
 
 
-def parse_networks(value: str, option: str) -> list[Network]:
+def parse_networks(value: Sequence[str], option: str) -> list[Network]:
     networks = []
-    for item in value.replace(";", ",").split(","):
-        item = item.strip()
-        if item:
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise exceptions.OptionsError(f"{option}: {item} is not an IP or CIDR") from None
+    for item in options.items([element.replace(";", ",") for element in value]):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise exceptions.OptionsError(f"{option}: {item} is not an IP or CIDR") from None
     return networks
 
 
@@ -52,15 +53,7 @@ class ClientAccess:
         self.deny: list[Network] = []
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("ntlm_allow_remote", bool, False,
-                          "Let a single-user proxy listen beyond loopback (CNTLM's Gateway): "
-                          "every client that can reach it is logged on as ntlm_username. "
-                          "Combine with ntlm_allow_clients.")
-        loader.add_option("ntlm_allow_clients", str, "",
-                          "Client addresses allowed to connect, comma-separated IPs/CIDRs "
-                          "(CNTLM's Allow); empty: all that can reach the listen address.")
-        loader.add_option("ntlm_deny_clients", str, "",
-                          "Client addresses refused, comma-separated IPs/CIDRs (CNTLM's Deny).")
+        options.declare(loader, options.ACCESS)
 
     def configure(self, updated: set[str]) -> None:
         if not updated & ACCESS_OPTIONS:

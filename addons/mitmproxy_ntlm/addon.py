@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http, types
 from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 
-from . import kerberos, messages, mitmproxy_internals
+from . import authview, kerberos, mitmproxy_internals, options
 from .bounded import bounded_set
 from .credentials import (
     CredentialError,
@@ -29,12 +28,17 @@ from .credentials import (
 )
 from .handshake import Dialect, quiet_spnego_logs
 from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
-from .legflows import leg_flows
+from .legflows import leg_flows, parent_answer
 from .multiuser import ClientLogins
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
 from .pool import ParentPool
+from .proxy_credentials import drop_client_proxy_credentials, relayed_to_parent
+from .report import build_report, write_report
 from .schemes import SchemeChooser, SchemeMode
+from .secret_reload import SIGHUP, SecretReloader
 from .trace import HandshakeTrace
+from .untrusted import PAGE_LIMIT, escape_log_records, shown
+from .userfile import FileRefused, stat_regular_file
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -64,8 +68,25 @@ CREDENTIAL_OPTIONS = (
     "ntlm_kerberos_lifetime",
     "proxyauth",
 )
+# Marks in the flow list (mitmproxy's emoji names; README "Seeing what happens"): the flow
+# that carried a new handshake, one sent on a pooled connection, a failure.
+MARKS = {"authenticated": ":key:", "reused": ":recycle:"}
 POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max", "ntlm_pool_connections",
                 "ntlm_pool_wait", "ntlm_pool_grace")
+
+
+def refuse_secret_options_in_web(opts: Any) -> None:
+    """mitmweb hands every option's value to its options editor and API (GET /options): no
+    secret may be an option there. Refusing rolls the value back out of the options store."""
+    if "web_port" not in opts:  # declared by mitmweb's own addon only
+        return
+    given = [name for name in options.SECRET if getattr(opts, name)]
+    if given:
+        raise exceptions.OptionsError(
+            f"mitmproxy-ntlm: under mitmweb, {' and '.join(given)} would be shown to anyone who "
+            f"can open mitmweb (its options editor and API show every option); put the password "
+            f"in a file named by ntlm_password_file (mode 0600) or in an environment variable "
+            f"named by ntlm_password_env instead")
 
 
 class NtlmUpstreamAuth:
@@ -76,102 +97,15 @@ class NtlmUpstreamAuth:
         self.logins: ClientLogins | None = None
         # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
         self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
+        # Handshakes whose legs wait for the first flow on their connection (ntlm_show_legs).
+        self._pending_legs: OrderedDict[str, tuple[HandshakeTrace, Any, Any]] = OrderedDict()
         self.tickets: KerberosTickets | None = None
-        # Set by script.AddonGroup: ask it again which hooks are idle.
-        self.hooks_changed: Callable[[], None] | None = None
+        self.reloader = SecretReloader(self.reload_secrets)
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
-        loader.add_option("ntlm_username", str, "",
-                          "User name for the parent proxy: user, DOMAIN\\user or user@domain.")
-        loader.add_option("ntlm_domain", str, "", "NTLM domain (overrides a domain in the name).")
-        loader.add_option("ntlm_workstation", str, socket.gethostname().split(".")[0].upper(),
-                          "Workstation name sent in the NTLM Type 3 message.")
-        loader.add_option("ntlm_password_file", str, "",
-                          "File holding the password on its first line; must be mode 0600.")
-        loader.add_option("ntlm_password_env", str, "",
-                          "Name of an environment variable holding the password.")
-        loader.add_option("ntlm_pass_nt", str, "",
-                          "PassNT hash exactly as printed by `cntlm -H` / `mitm-ntlm hash`.")
-        loader.add_option("ntlm_pass_lm", str, "",
-                          "PassLM hash as printed by `cntlm -H` (only used by ntlmv1).")
-        loader.add_option("ntlm_hashes", str, "",
-                          "Standard NT hash, or LM:NT, in hex (impacket/pyspnego form).")
-        loader.add_option("ntlm_password", str, "",
-                          "The password itself. Visible in the process list when given with "
-                          "--set: prefer ntlm_password_file or ntlm_password_env.")
-        loader.add_option("ntlm_dialect", str, Dialect.NTLMV2.value,
-                          "NTLM response dialect. ntlmv2 is the default; ntlm2sr and ntlmv1 are "
-                          "weak and only for parents that refuse NTLMv2.",
-                          choices=[d.value for d in Dialect])
-        loader.add_option("ntlm_max_failures", int, 3,
-                          "Stop sending the credentials after this many consecutive rejections "
-                          "by the parent (protects the account from lockout); 0 disables.")
-        loader.add_option("ntlm_handshake_timeout", int, 30,
-                          "Seconds to wait for the parent during an NTLM handshake.")
-        loader.add_option("ntlm_replay_limit", int, 16 * 1024 * 1024,
-                          "Largest request body kept to resend after a re-challenge (bytes).")
-        loader.add_option("ntlm_multiuser", bool, False,
-                          "Multi-user mode: clients send Proxy-Authorization: Basic with their "
-                          "own DOMAIN\\user and password, used for NTLM towards the parent. "
-                          "ntlm_domain is the default domain.")
-        loader.add_option("ntlm_realm", str, "mitmproxy-ntlm",
-                          "Realm of the Basic challenge sent to clients in multi-user mode.")
-        loader.add_option("ntlm_lockout_cooldown", int, 300,
-                          "Multi-user mode: seconds a user's credentials stay blocked after "
-                          "ntlm_max_failures consecutive rejections.")
-        loader.add_option("ntlm_scheme", str, SchemeMode.AUTO.value,
-                          "auto: Kerberos (Negotiate) when a ticket is available and the peer "
-                          "offers Negotiate, else NTLM; kerberos or ntlm pin one scheme.",
-                          choices=[m.value for m in SchemeMode])
-        loader.add_option("ntlm_kerberos_ccache", str, "",
-                          "Kerberos ticket cache filled by kinit, e.g. FILE:/tmp/krb5cc_1000 "
-                          "(default: KRB5CCNAME or the system default). Without ntlm_username "
-                          "the cache's principal is the identity.")
-        loader.add_option("ntlm_kerberos_keytab", str, "",
-                          "Client keytab to get (and renew) Kerberos tickets from, instead of a "
-                          "ticket cache.")
-        loader.add_option("ntlm_kerberos_principal", str, "",
-                          "Principal in ntlm_kerberos_keytab (default: ntlm_username at the "
-                          "realm, else the keytab's first entry).")
-        loader.add_option("ntlm_kerberos_realm", str, "",
-                          "Kerberos realm (e.g. CORP.EXAMPLE.COM). When set, tickets are "
-                          "obtained and renewed with the NTLM password (kept in memory for "
-                          "that), also for each user in multi-user mode.")
-        loader.add_option("ntlm_kerberos_spn", str, "",
-                          "Service principal of the parent, e.g. HTTP/proxy.corp.example "
-                          "(default: HTTP/ and the parent's host name as given in --mode).")
-        loader.add_option("ntlm_kerberos_lifetime", int, 0,
-                          "Lifetime in seconds to ask for tickets obtained with a keytab or "
-                          "password (0: the KDC's default); they are renewed 5 minutes before "
-                          "they expire.")
-        loader.add_option("ntlm_pool", bool, True,
-                          "Keep idle authenticated plain-http parent connections in a pool shared "
-                          "by all client connections, per parent and per user (never across "
-                          "users), so a new client connection needs no new NTLM handshake (no new "
-                          "logon at the domain controller). Also carries CONNECTs where the parent "
-                          "allows it. https:// parents are not pooled.")
-        loader.add_option("ntlm_pool_idle", int, 30,
-                          "Seconds an idle pooled parent connection is kept; keep it below the "
-                          "parent's own idle timeout (Squid: 120 s).")
-        loader.add_option("ntlm_pool_max", int, 32,
-                          "Most idle pooled parent connections kept in all (oldest closed first).")
-        loader.add_option("ntlm_pool_connections", int, 16,
-                          "Most plain-http parent connections per parent and user (0: no limit). "
-                          "Requests borrow them one at a time, as with CNTLM and Px; a request "
-                          "that finds them all busy waits for one (ntlm_pool_wait) instead of "
-                          "logging on again.")
-        loader.add_option("ntlm_pool_wait", int, 5,
-                          "Seconds a request waits for a busy parent connection of its user "
-                          "(ntlm_pool_connections) before it opens another one.")
-        loader.add_option("ntlm_pool_grace", int, 50,
-                          "Milliseconds a request waits for a busy parent connection of its "
-                          "user when it finds none idle (and fewer than ntlm_pool_connections "
-                          "open) before it opens another one, i.e. logs on again. Busy "
-                          "connections usually come free within milliseconds; 0: never wait.")
-        loader.add_option("ntlm_show_legs", bool, False,
-                          "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their "
-                          "own in mitmweb and the console; Type 3 responses are redacted.")
+        escape_log_records()
+        options.declare(loader, options.UPSTREAM)
 
     def configure(self, updated: set[str]) -> None:
         if updated & set(POOL_OPTIONS) and not updated & set(CREDENTIAL_OPTIONS):
@@ -179,6 +113,8 @@ class NtlmUpstreamAuth:
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
             return
         opts = ctx.options
+        refuse_secret_options_in_web(opts)
+        self.reloader.watch("")
         self._configure_kerberos()
         if opts.ntlm_multiuser:
             self._configure_multiuser()
@@ -195,20 +131,7 @@ class NtlmUpstreamAuth:
             log.info("[ntlm] Kerberos only, as %s, to the parent proxy", creds.principal)
             return
         try:
-            creds = build_credentials(
-                opts.ntlm_username,
-                opts.ntlm_domain,
-                opts.ntlm_workstation,
-                SecretSources(
-                    password=opts.ntlm_password,
-                    password_env=opts.ntlm_password_env,
-                    password_file=opts.ntlm_password_file,
-                    pass_nt=opts.ntlm_pass_nt,
-                    pass_lm=opts.ntlm_pass_lm,
-                    hashes=opts.ntlm_hashes,
-                ),
-                keep_password=self._tickets_from_passwords(),
-            )
+            creds = self._credentials_from_options()
         except CredentialError as e:
             raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
         if opts.ntlm_password:
@@ -216,8 +139,52 @@ class NtlmUpstreamAuth:
                         "it in the process list; prefer ntlm_password_file or ntlm_pass_nt")
         self.logins = None
         self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+        self.reloader.watch(opts.ntlm_password_file)
         log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
                  self._dialect().label, creds.principal, creds.workstation)
+
+    def _credentials_from_options(self) -> Credentials:
+        """The single-user identity, its secret read now (CredentialError when unusable)."""
+        opts = ctx.options
+        return build_credentials(
+            opts.ntlm_username,
+            opts.ntlm_domain,
+            opts.ntlm_workstation,
+            SecretSources(
+                password=opts.ntlm_password,
+                password_env=opts.ntlm_password_env,
+                password_file=opts.ntlm_password_file,
+                pass_nt=opts.ntlm_pass_nt,
+                pass_lm=opts.ntlm_pass_lm,
+                hashes=opts.ntlm_hashes,
+            ),
+            keep_password=self._tickets_from_passwords(),
+        )
+
+    def reload_secrets(self, reason: str, by_user: bool) -> None:
+        """Read the secret again (SecretReloader). New credentials, or a SIGHUP, lift the
+        lockout guard: the user fixed the password or asks for another try."""
+        policy = self.policy
+        if policy is None:
+            return
+        if policy.creds is None or not ctx.options.ntlm_username:  # multi-user, Kerberos only
+            if by_user:
+                self.reset()
+            return
+        try:
+            creds = self._credentials_from_options()
+        except CredentialError as e:
+            log.warning("[ntlm] %s: %s; the previous credentials stay in use", reason, e)
+            return
+        if creds == policy.creds and not by_user:
+            return  # written again unchanged (or touched): the guard stays as it is
+        changed = creds != policy.creds
+        policy.creds = creds
+        policy.guard.reset()
+        policy.rejected.clear()
+        log.info("[ntlm] %s: %s; the lockout guard is reset, credentials for %s will be sent",
+                 reason, "new credentials read" if changed else "credentials read again",
+                 creds.principal)
 
     def _configure_multiuser(self) -> None:
         opts = ctx.options
@@ -257,11 +224,11 @@ class NtlmUpstreamAuth:
                 f"mitmproxy-ntlm: {', '.join(asked) or 'ntlm_scheme=kerberos'} needs the Kerberos "
                 f"extra: pip install 'mitmproxy-ntlm[kerberos]' (it builds gssapi against the "
                 f"system's Kerberos library: apt-get install libkrb5-dev, or brew install krb5)")
-        if opts.ntlm_kerberos_keytab and not os.path.isfile(opts.ntlm_kerberos_keytab):
-            raise exceptions.OptionsError(
-                f"mitmproxy-ntlm: ntlm_kerberos_keytab {opts.ntlm_kerberos_keytab} does not exist")
-        if opts.ntlm_kerberos_lifetime < 0:
-            raise exceptions.OptionsError("ntlm_kerberos_lifetime must be 0 or more")
+        if opts.ntlm_kerberos_keytab:
+            try:  # read by the Kerberos library: a FIFO there would hang it
+                stat_regular_file(opts.ntlm_kerberos_keytab, "ntlm_kerberos_keytab")
+            except FileRefused as e:
+                raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
         if self.tickets is not None:
             self.tickets.forget()
         self.tickets = KerberosTickets(KerberosSettings(
@@ -298,10 +265,6 @@ class NtlmUpstreamAuth:
     def _install(self, creds: Credentials | None, guard: LockoutGuard) -> None:
         """Validate the shared options and route parent connections through the NTLM layer."""
         opts = ctx.options
-        if opts.ntlm_handshake_timeout <= 0:
-            raise exceptions.OptionsError("ntlm_handshake_timeout must be positive")
-        if opts.ntlm_max_failures < 0:
-            raise exceptions.OptionsError("ntlm_max_failures must be 0 or more")
         try:
             mitmproxy_internals.check_version()
         except mitmproxy_internals.UnsupportedMitmproxy as e:
@@ -322,18 +285,14 @@ class NtlmUpstreamAuth:
             realm=opts.ntlm_realm,
             rejected_ttl=float(opts.ntlm_lockout_cooldown),
             on_finished=self._handshake_finished,
+            recovery=_recovery_hint(),
         )
-        guard.on_block = self._hooks_changed  # requestheaders must refuse from now on
         mitmproxy_internals.install(self.policy)
         self._configure_pool()
 
     def _configure_pool(self) -> None:
         """(Re)build the connection pool: a new policy or pool option drops pooled connections."""
         opts = ctx.options
-        if min(opts.ntlm_pool_idle, opts.ntlm_pool_max, opts.ntlm_pool_connections,
-               opts.ntlm_pool_wait, opts.ntlm_pool_grace) < 0:
-            raise exceptions.OptionsError("ntlm_pool_idle, ntlm_pool_max, ntlm_pool_connections, "
-                                          "ntlm_pool_wait and ntlm_pool_grace must be 0 or more")
         if self.policy is None or not opts.ntlm_pool or not opts.ntlm_pool_idle \
                 or not opts.ntlm_pool_max:
             mitmproxy_internals.set_pool(None)
@@ -344,13 +303,18 @@ class NtlmUpstreamAuth:
             grace=opts.ntlm_pool_grace / 1000))
 
     def running(self) -> None:
+        self.reloader.start()
+        _show_comment_column()
         if self.policy is None:
             log.warning("[ntlm] ntlm_username is not set: mitmproxy-ntlm is idle")
-        elif not _upstream_mode() and not ctx.options.ntlm_parent:
+        elif not (_upstream_mode() or ctx.options.ntlm_parent or ctx.options.ntlm_pac):
             log.info("[ntlm] NTLM is used only towards a parent proxy: --mode upstream:URL, "
-                     "or ntlm_parent in regular/socks5 mode")
+                     "or ntlm_parent or ntlm_pac in regular/socks5 mode")
 
     def done(self) -> None:
+        if ctx.options.ntlm_report_file:  # mitmdump has no command line: the report at exit
+            self.save_report(ctx.options.ntlm_report_file)
+        self.reloader.stop()
         mitmproxy_internals.uninstall()
         if self.tickets is not None:
             self.tickets.forget()
@@ -365,18 +329,12 @@ class NtlmUpstreamAuth:
             log.warning("[ntlm] SOCKS5 client refused: %s", problem)
 
     def idle_hooks(self) -> set[str]:
-        """Hooks with nothing to do now (see script.AddonGroup). `requestheaders` only refuses
-        known-bad credentials: it is offered again when the lockout guard blocks someone."""
+        """Hooks with nothing to do now (see script.AddonGroup). Never `requestheaders` or
+        `http_connect`: they drop the clients' proxy credentials, idle addon or not."""
         idle = set() if self.logins is not None else {"client_disconnected"}
         if self.policy is None:
-            idle |= {"requestheaders", "http_connect", "response", "error"}
-        elif not self.policy.may_refuse():
-            idle.add("requestheaders")
+            idle |= {"response", "error"}
         return idle
-
-    def _hooks_changed(self) -> None:
-        if self.hooks_changed is not None:
-            self.hooks_changed()
 
     def client_disconnected(self, client: Any) -> None:
         if self.logins is not None:
@@ -395,6 +353,7 @@ class NtlmUpstreamAuth:
 
     def _refuse(self, flow: http.HTTPFlow, reason: str) -> None:
         assert self.policy is not None
+        reason = shown(reason, PAGE_LIMIT)  # may quote the client's user name
         status, headers = self.policy.failure_response()
         flow.response = http.Response.make(
             status, reason + "\n", {"Content-Type": "text/plain", **headers})
@@ -416,35 +375,63 @@ class NtlmUpstreamAuth:
         return True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse known-bad credentials (reading the multi-user identity), then drop the
+        client's proxy credentials: whatever the route, they never leave mitmproxy. Only an
+        idle addon leaves them on a request relayed to a parent, as stock mitmproxy does."""
         policy = self.policy
-        if policy is None or not policy.may_refuse():
-            self._hooks_changed()  # nothing known bad (any more): not needed per request
-            return
-        if _to_parent(flow):
+        if policy is not None:  # a request inside a tunnel that failed: its own error
+            mitmproxy_internals.answer_failed_tunnel(flow)
+        if policy is not None and policy.may_refuse() and _to_parent(flow):
             self._check_client(flow)
+        if policy is not None or not relayed_to_parent(flow, _upstream_mode()):
+            drop_client_proxy_credentials(flow.request.headers)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if self.policy is None or not _to_parent(flow):
-            return
-        if not self._check_client(flow):
-            return
-        bounded_set(self._connect_flows, flow.server_conn.id, flow, 1000)
+        if self.policy is not None and _to_parent(flow) and self._check_client(flow):
+            bounded_set(self._connect_flows, flow.server_conn.id, flow, 1000)
+        # mitmproxy never forwards the client's CONNECT, but the flow is shown and saved.
+        drop_client_proxy_credentials(flow.request.headers)
 
     def _handshake_finished(self, trace: HandshakeTrace, client: Any, server: Any) -> None:
         """Called by the layer when a handshake ends: annotate the CONNECT, show the legs."""
         connect_flow = self._connect_flows.pop(trace.key, None) if trace.key else None
         view = ctx.master.addons.get("view")
-        if connect_flow is not None:
-            self._annotate(connect_flow)
-            if view is not None and not trace.ok and view.get_by_id(connect_flow.id) is None:
-                # mitmproxy lists no CONNECT flows; a failed tunnel must not stay invisible.
-                view.add([connect_flow])
-            else:
-                ctx.master.addons.trigger(UpdateHook([connect_flow]))
-        if ctx.options.ntlm_show_legs and view is not None:
-            flows = leg_flows(trace, client, server)
-            if flows:
-                view.add(flows)
+        show_legs = bool(ctx.options.ntlm_show_legs and view is not None and trace.exchanges)
+        if connect_flow is None:
+            if show_legs:  # shown with the first flow on this connection, see `_annotate`
+                bounded_set(self._pending_legs, trace.key, (trace, client, server), 256)
+            return
+        listed = view is not None and view.get_by_id(connect_flow.id) is not None
+        # mitmproxy lists no CONNECT flows; a failed tunnel must not stay invisible, and legs
+        # need the flow they belong to.
+        listing = view is not None and not listed and (not trace.ok or show_legs)
+        self._annotate(connect_flow)
+        if not (listed or listing) and trace.shown_on == connect_flow.id:
+            trace.shown_on = ""  # the first listed flow on this connection tells the story
+        if not trace.ok:
+            _show_parent_answer(connect_flow, trace)
+        if show_legs:
+            self._add_legs(trace, client, server, connect_flow)
+        if listing:
+            view.add([connect_flow])  # after its legs: mitmweb lists new flows last
+        else:
+            ctx.master.addons.trigger(UpdateHook([connect_flow]))
+
+    def _add_legs(self, trace: HandshakeTrace, client: Any, server: Any,
+                  flow: http.HTTPFlow) -> None:
+        """List the legs just before `flow`, each naming it, and name them on `flow`."""
+        view = ctx.master.addons.get("view")
+        legs = leg_flows(trace, client, server, belongs_to=flow)
+        if view is None or not legs:
+            return
+        view.add(legs)
+        ids = [leg.id for leg in legs]
+        flow.metadata["ntlm_legs"] = ids
+        flow.comment = shown(f"{flow.comment}; handshake requests listed above it: "
+                             f"{', '.join(i[:8] for i in ids)}", PAGE_LIMIT)
+        if view.get_by_id(flow.id) is not None:
+            # mitmweb's list shows new flows last; its reset lists all in the view's order.
+            view.sig_view_refresh.send()
 
     # The story of each flow, for mitmweb / console / mitmdump.
 
@@ -457,23 +444,35 @@ class NtlmUpstreamAuth:
         if origin is not None and "ntlm_origin" not in flow.metadata:
             metadata, comment, _ = origin.annotation()
             flow.metadata["ntlm_origin"] = metadata
-            flow.comment = flow.comment or comment
+            flow.comment = flow.comment or shown(comment, PAGE_LIMIT)
+            self._legs_for(flow, f"{flow.server_conn.id}/origin")
         trace = traces.get(flow.server_conn.id)
         if trace is None or trace.result == "pending":
             return
         metadata, comment, ok = trace.annotation()
         flow.metadata["ntlm"] = metadata
+        first = trace.shown_on in ("", flow.id)
+        trace.shown_on = trace.shown_on or flow.id
+        if not first and trace.result == "authenticated":
+            comment += " (this connection was authenticated for an earlier request)"
         if not flow.comment:
-            flow.comment = comment
-        if not ok:
-            flow.marked = ":warning:"
+            flow.comment = shown(comment, PAGE_LIMIT)  # names the user, host and URL
+        if not flow.marked:  # the user's own mark stays
+            flow.marked = ":warning:" if not ok else \
+                MARKS.get(trace.result, "") if first or trace.result == "reused" else ""
+        self._legs_for(flow, flow.server_conn.id)
+
+    def _legs_for(self, flow: http.HTTPFlow, key: str) -> None:
+        pending = self._pending_legs.pop(key, None)
+        if pending is not None:
+            self._add_legs(*pending, flow)
 
     response = error = _annotate  # hooks called for every flow: no extra call in between
 
     @staticmethod
     def _mark_failed(flow: http.HTTPFlow, reason: str) -> None:
         flow.metadata["ntlm"] = {"result": "blocked", "reason": reason}
-        flow.comment = reason
+        flow.comment = shown(reason, PAGE_LIMIT)
         flow.marked = ":warning:"
 
     # Commands.
@@ -486,17 +485,40 @@ class NtlmUpstreamAuth:
             self.policy.rejected.clear()
             log.info("[ntlm] lockout guard reset: credentials will be sent again")
 
+    # They return lines (Sequence[str]): the console shows them one per row, mitmweb's command
+    # bar as a list of strings (one str with newlines would show there as escaped \n).
+
     @command.command("ntlm.decode")
-    def decode(self, token: str) -> str:
-        """Decode an NTLM token (base64, optionally prefixed with NTLM); responses are not shown."""
-        return messages.one_line(messages.describe_b64(token))
+    def decode(self, token: str) -> Sequence[str]:
+        """Decode an NTLM, SPNEGO or Kerberos token (base64, optionally after NTLM or
+        Negotiate); responses, keys and tickets are not shown."""
+        return authview.decode_lines(token)
+
+    @command.command("ntlm.report")
+    def report(self) -> Sequence[str]:
+        """Diagnostic report for the IT department: versions, options (no secrets), the
+        parents' schemes, the last handshakes with the decoded challenge and clock skew."""
+        traces = self.policy.traces.values() if self.policy is not None else []
+        return build_report(ctx.options, list(self.status()), traces)
+
+    @command.command("ntlm.report.save")
+    def save_report(self, path: types.Path) -> str:
+        """Write the diagnostic report (ntlm.report) to a file."""
+        try:
+            target = write_report(path, list(self.report()))
+        except OSError as e:
+            message = f"mitmproxy-ntlm: report not written to {path}: {e.strerror or e}"
+            log.warning("[ntlm] %s", message)
+            return message
+        log.info("[ntlm] diagnostic report written to %s", target)
+        return f"report written to {target}"
 
     @command.command("ntlm.status")
-    def status(self) -> str:
+    def status(self) -> Sequence[str]:
         """Parents, users (no secrets), handshakes, rejections, lockouts, recent handshakes."""
         policy = self.policy
         if policy is None:
-            return "mitmproxy-ntlm: idle (set ntlm_username, or ntlm_multiuser)"
+            return ["mitmproxy-ntlm: idle (set ntlm_username, or ntlm_multiuser)"]
         if policy.creds is not None:
             users = [policy.creds.principal]
             mode = f"single user ({policy.dialect.label})"
@@ -528,17 +550,58 @@ class NtlmUpstreamAuth:
                          f"({st.salvage_failed} closed instead)")
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
-            lines.append(f"user {user}: {policy.guard.failures(user)} consecutive rejections of "
-                         f"{policy.guard.limit}{blocked}")
+            lines.append(f"user {shown(user)}: {policy.guard.failures(user)} consecutive "
+                         f"rejections of {policy.guard.limit}{blocked}")
         assert policy.chooser is not None
         lines.append(f"scheme: {policy.chooser.mode.value}")
         if self.tickets is not None:
             lines += [f"Kerberos ticket {t['principal']} from {t['source']}, valid until "
                       f"{t['expires']}, renewed {t['renewals']} times"
                       for t in self.tickets.status()]
-        lines += [f"  {t.client} -> {t.parent} {t.kind}: {t.result}"
-                  + (f" [{t.dialect}]" if t.dialect else "") for t in traces[-5:]]
-        return "\n".join(lines)
+        lines += [shown(f"  {t.client} -> {t.parent} {t.kind}: {t.result}"
+                        + (f" [{t.dialect}]" if t.dialect else ""), PAGE_LIMIT)
+                  for t in traces[-5:]]
+        return lines
+
+
+def _show_parent_answer(flow: http.HTTPFlow, trace: HandshakeTrace) -> None:
+    """A CONNECT already answered 200 (mitmproxy answers before the parent handshake) whose
+    tunnel failed shows what the parent answered, or the error; the comment says what the
+    client was told. A CONNECT answered after the handshake already shows the real answer."""
+    told = flow.response
+    if told is None or not 200 <= told.status_code < 300:
+        return
+    answer = parent_answer(trace)
+    if answer is None or 200 <= answer.status_code < 300:  # no answer, or failed after a 200
+        error = trace.result.removeprefix("failed: ")
+        answer = http.Response.make(trace.error_status or 502, error + "\n",
+                                    {"Content-Type": "text/plain; charset=utf-8"})
+    flow.response = answer
+    flow.comment = shown(f"{flow.comment}; the client had been told {told.status_code} "
+                         f"{told.reason or 'Connection established'} before the handshake, "
+                         f"then its tunnel was closed", PAGE_LIMIT)
+
+
+def _show_comment_column() -> None:
+    """mitmweb: the flow list gets the comment column (the handshake's story) unless the user
+    chose the columns."""
+    opts = ctx.options
+    if "web_columns" in opts and not opts.has_changed("web_columns") \
+            and "comment" not in opts.web_columns:
+        opts.update(web_columns=[*opts.web_columns, "comment"])
+
+
+def _recovery_hint() -> str:
+    """What ends a lockout-guard stop in this tool, for the 502 page and the log."""
+    ways = []
+    if ctx.options.ntlm_password_file:
+        ways.append(f"correct {ctx.options.ntlm_password_file} (read again within seconds)")
+    if SIGHUP is not None:
+        ways.append(f"send mitmproxy SIGHUP (kill -HUP {os.getpid()})")
+    if type(ctx.master).__name__ in ("WebMaster", "ConsoleMaster"):  # they have a command line
+        ways.append("run the command ntlm.reset")
+    ways.append("restart mitmproxy")
+    return ", ".join(ways[:-1]) + " or " + ways[-1]
 
 
 def _to_parent(flow: http.HTTPFlow) -> bool:

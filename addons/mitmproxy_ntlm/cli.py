@@ -1,8 +1,11 @@
 """`mitm-ntlm`: start the proxy in one command, and the CNTLM helpers (hash, detect, import).
 
-`start`: the proxy itself is plain `mitmdump -s addons/ntlm.py ...`; this wrapper only
+`start`: the proxy itself is plain `mitmdump -s "$(mitm-ntlm script)" ...`; this wrapper only
 assembles that command line, keeps the password out of it (it goes through the environment of
 the child process), and in demo mode first starts the project's password-checking test parent.
+Like CNTLM and Px it passes HTTPS through untouched unless `--intercept` names hosts.
+`script`, `configs` and `ca` print where the installed script, the example configs and
+mitmproxy's CA are.
 `hash`, `detect` and `import-cntlm` do what `cntlm -H`, `cntlm -M` and a hand-made config
 translation do for people moving from CNTLM.
 """
@@ -30,16 +33,13 @@ from .credentials import (
 )
 from .detect import DetectError, detect
 from .handshake import Dialect
+from .interception import InterceptError, tls_options
+from .locations import ADDON_SCRIPT, DEFAULT_CONFDIR, example_configs, mitmproxy_ca
+from .trust_hints import trust_instructions
+from .userfile import FileRefused, read_regular_file
+from .versions import version_report
 
-ADDON = Path(__file__).resolve().parent.parent / "ntlm.py"
 PASSWORD_ENV = "MITM_NTLM_PASSWORD"
-
-
-def addon_script() -> Path:
-    """addons/ntlm.py from a checkout, or the installed package's loader."""
-    if ADDON.exists():
-        return ADDON
-    return Path(__file__).resolve().parent / "script.py"
 
 
 def mitm_tool(tool: str) -> str:
@@ -49,12 +49,14 @@ def mitm_tool(tool: str) -> str:
 
 def build_command(args: argparse.Namespace, parent_url: str) -> list[str]:
     cmd = [
-        mitm_tool(args.tool), "-s", str(addon_script()),
+        mitm_tool(args.tool), "-s", str(ADDON_SCRIPT),
         "--mode", f"upstream:{parent_url}",
         "--listen-host", args.listen_host, "-p", str(args.port),
         "--set", f"ntlm_username={args.user}",
         "--set", f"ntlm_password_env={PASSWORD_ENV}",
     ]
+    if not user_sets(args, "ignore_hosts", "allow_hosts"):  # else the user's choice wins
+        cmd += tls_options(args.intercept)
     if args.domain:
         cmd += ["--set", f"ntlm_domain={args.domain}"]
     for extra in args.set or []:
@@ -65,12 +67,22 @@ def build_command(args: argparse.Namespace, parent_url: str) -> list[str]:
 def start(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     demo = None
+    try:
+        tls_options(args.intercept)  # a bad --intercept fails before anything starts
+    except InterceptError as e:
+        return fail("start", str(e))
+    if port_taken(args.listen_host, args.port):  # else mitmproxy's advice is its own --mode
+        return fail("start", f"port {args.port} on {args.listen_host} is already in use (a "
+                    f"proxy already running there?): choose another one with --port")
     if args.parent:
         if not args.user:
             print("mitm-ntlm: --user is required with --parent", file=sys.stderr)
             return 2
         if args.password_file:
-            password = Path(args.password_file).expanduser().read_text().splitlines()[0]
+            try:
+                password = read_secret_file(args.password_file, "--password-file")
+            except CredentialError as e:
+                return fail("start", str(e))
         else:
             password = env.get(PASSWORD_ENV) or getpass.getpass(f"Password for {args.user}: ")
         parent_url = args.parent
@@ -86,6 +98,8 @@ def start(args: argparse.Namespace) -> int:
         print(f"Try:  curl -x http://{args.listen_host}:{args.port} http://ntlm-demo.invalid/")
     env[PASSWORD_ENV] = password
     cmd = build_command(args, parent_url)
+    announce_https(args)
+    sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file
     proc = subprocess.Popen(cmd, env=env)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
@@ -96,6 +110,87 @@ def start(args: argparse.Namespace) -> int:
     finally:
         if demo is not None:
             demo.stop()
+
+
+def announce_https(args: argparse.Namespace) -> None:
+    """Say what happens to HTTPS, and what to trust when it is intercepted."""
+    if user_sets(args, "ignore_hosts", "allow_hosts"):
+        print("HTTPS: your ignore_hosts/allow_hosts decide what mitmproxy intercepts.")
+        print(trust_instructions(mitmproxy_ca(confdir_of(args))), end="")
+        return
+    if args.intercept is None:
+        print("HTTPS passes through untouched (the parent still gets the NTLM CONNECT); no CA "
+              "to trust. --intercept HOSTS|all lets mitmproxy decrypt it.")
+        return
+    what = "all HTTPS" if args.intercept.strip().lower() == "all" else f"HTTPS to {args.intercept}"
+    print(f"mitmproxy intercepts {what} (other hosts pass through).")
+    print(trust_instructions(mitmproxy_ca(confdir_of(args))), end="")
+
+
+def user_sets(args: argparse.Namespace, *names: str) -> bool:
+    """Whether a --set names one of these mitmproxy options."""
+    return any(extra.partition("=")[0].strip() in names for extra in args.set or [])
+
+
+def confdir_of(args: argparse.Namespace) -> str:
+    """The confdir given with --set confdir=..., else mitmproxy's default."""
+    for extra in reversed(args.set or []):
+        name, _, value = extra.partition("=")
+        if name.strip() == "confdir":
+            return value
+    return DEFAULT_CONFDIR
+
+
+def script_command(args: argparse.Namespace) -> int:
+    print(ADDON_SCRIPT)
+    return 0
+
+
+def configs_command(args: argparse.Namespace) -> int:
+    """Print the example configs' paths, or copy them into a folder (never overwriting)."""
+    configs = example_configs()
+    if not args.copy:
+        for path in configs:
+            print(path)
+        return 0
+    target = Path(args.copy).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in configs:
+            dest = target / path.name
+            if dest.exists():
+                print(f"mitm-ntlm configs: kept the existing {dest}", file=sys.stderr)
+                continue
+            shutil.copyfile(path, dest)
+            print(dest)
+    except OSError as e:
+        return fail("configs", f"cannot copy to {target}: {e.strerror}")
+    return 0
+
+
+def ca_command(args: argparse.Namespace) -> int:
+    print(trust_instructions(mitmproxy_ca(args.confdir)), end="")
+    return 0
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether mitmproxy could not listen there: bound the way asyncio's server binds."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # mitmproxy reports a bad host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            if os.name == "posix":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError:
+                return True
+    return False
 
 
 def fail(command: str, message: str) -> int:
@@ -148,7 +243,7 @@ def hash_command(args: argparse.Namespace) -> int:
 def detect_command(args: argparse.Namespace) -> int:
     try:
         if args.password_file:
-            password = read_secret_file(args.password_file)
+            password = read_secret_file(args.password_file, "--password-file")
         else:
             password = os.environ.get(PASSWORD_ENV) or read_password(
                 f"Password for {args.user}: ")
@@ -180,7 +275,8 @@ def detect_command(args: argparse.Namespace) -> int:
         return fail("detect", f"the parent rejected the credentials of {creds.principal} "
                     f"({tried}: {len(attempts)} failed logon{'s' if len(attempts) > 1 else ''})"
                     f". Check user, domain and password{more}.")
-    print(f"The parent accepted {last.dialect.label} for {creds.principal} "
+    inside = " inside Negotiate (it offers only Negotiate)" if last.scheme == "Negotiate" else ""
+    print(f"The parent accepted {last.dialect.label}{inside} for {creds.principal} "
           f"(HTTP {last.status} for {args.url}).")
     print("# config.yaml lines (or --set option=value):")
     print(f"ntlm_dialect: {last.dialect.value}")
@@ -196,9 +292,9 @@ def detect_command(args: argparse.Namespace) -> int:
 def import_command(args: argparse.Namespace) -> int:
     source = Path(args.config).expanduser()
     try:
-        data = source.read_bytes()
-    except OSError as e:
-        return fail("import-cntlm", f"cannot read {source}: {e.strerror}")
+        data = read_regular_file(args.config, "cntlm config")
+    except FileRefused as e:
+        return fail("import-cntlm", str(e))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -231,7 +327,10 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mitm-ntlm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mitm-ntlm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_report(),
+                        help="print the versions of mitmproxy-ntlm, mitmproxy and pyspnego")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="run the proxy (demo parent when --parent is not given)")
     p.add_argument("--parent", help="parent proxy URL, e.g. http://proxy.corp.example:8080")
@@ -244,6 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tool", default="mitmdump", choices=["mitmdump", "mitmweb", "mitmproxy"])
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="any further mitmproxy option (repeatable)")
+    p.add_argument("--intercept", metavar="HOSTS|all",
+                   help="decrypt HTTPS to these hosts (comma-separated, *.domain allowed) or "
+                   "all; needs mitmproxy's CA trusted (see `mitm-ntlm ca`). Default: every "
+                   "HTTPS connection passes through untouched, as with CNTLM")
+
+    sub.add_parser("script", help="print the path of the addon script, for "
+                   "mitmdump/mitmweb/mitmproxy -s")
+    p = sub.add_parser("configs", help="print the paths of the example config.yaml files")
+    p.add_argument("--copy", metavar="DIR", help="copy them into DIR (existing files are kept)")
+    p = sub.add_parser("ca", help="where mitmproxy's CA is, and how tools and the OS trust it")
+    p.add_argument("--confdir", default=DEFAULT_CONFDIR, help="mitmproxy's confdir "
+                   "(default %(default)s)")
 
     p = sub.add_parser("hash", help="print the hashes like `cntlm -H` (password read without "
                        "echo, or one line from stdin)")
@@ -273,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     commands = {"start": start, "hash": hash_command, "detect": detect_command,
-                "import-cntlm": import_command}
+                "import-cntlm": import_command, "script": script_command,
+                "configs": configs_command, "ca": ca_command}
     return commands[args.command](args)
 
 

@@ -199,7 +199,7 @@ _HINTS = {
     "flags": "pyspnego chooses the NTLM flags; there is no option for them",
     "tunnel": "no local port forwarding; mitmproxy's `mode: reverse:...` can serve a similar need",
     "socks5proxy": "use mitmproxy's `mode: socks5@PORT` with `ntlm_parent` "
-                   "(see configs/regular-mode.yaml)",
+                   "(see regular-mode.yaml in `mitm-ntlm configs`)",
     "socks5user": "SOCKS5 users: mitmproxy's `proxyauth` option",
     "ntlmtobasic": "see `ntlm_multiuser` (every client must then send Basic credentials)",
     "pac": "set `ntlm_pac` with `mode: [regular]` and `connection_strategy: lazy` by hand",
@@ -261,9 +261,9 @@ class _Converter:
             return
         self.options["mode"] = ["regular"]
         self.options["connection_strategy"] = "lazy"
-        self.options["ntlm_parent"] = ", ".join(parents)
+        self.options["ntlm_parent"] = parents
         if noproxy:
-            self.options["ntlm_noproxy"] = ", ".join(noproxy)
+            self.options["ntlm_noproxy"] = noproxy
         if len(parents) > 1:
             self.notes.append(f"{len(parents)} parents in cntlm's order (failover order)")
 
@@ -411,9 +411,9 @@ class _Converter:
             return
         allow, deny = translate_acl(rules)
         if allow:
-            self.options["ntlm_allow_clients"] = ", ".join(_net_text(n) for n in allow)
+            self.options["ntlm_allow_clients"] = [_net_text(n) for n in allow]
         if deny:
-            self.options["ntlm_deny_clients"] = ", ".join(_net_text(n) for n in deny)
+            self.options["ntlm_deny_clients"] = [_net_text(n) for n in deny]
         verbatim = ([n for a, n in rules if a], [n for a, n in rules if not a])
         if (sorted(allow), sorted(deny)) != tuple(sorted(_collapse(v)) for v in verbatim):
             self.notes.append(
@@ -455,7 +455,7 @@ def render_yaml(options: dict[str, str | int | bool | list[str]], source: str) -
     lines = [
         "# mitmproxy config.yaml for mitmproxy-ntlm, made by `mitm-ntlm import-cntlm` from",
         f"# {source}",
-        "# Run: mitmdump -s addons/ntlm.py --set confdir=DIR   (with this file as DIR/config.yaml)",
+        '# Run: mitmdump -s "$(mitm-ntlm script)" --set confdir=DIR  (this file: DIR/config.yaml)',
         "# The hashes below are password equivalents: keep this file private (chmod 600).",
         "",
     ]

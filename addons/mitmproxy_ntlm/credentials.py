@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
+
+from .userfile import FileRefused, decode_text, read_regular_file
 
 
 class CredentialError(ValueError):
@@ -55,15 +57,17 @@ def hashes_from_password(password: str) -> tuple[bytes, bytes]:
     return lmowfv1(password), ntowfv1(password)
 
 
+HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+
+
 def parse_hex_hash(value: str, what: str) -> bytes:
     """A 16-byte hash given as 32 hex digits (spaces and case ignored)."""
-    cleaned = value.strip().replace(" ", "")
+    cleaned = "".join(value.split())
     if len(cleaned) != 32:
         raise CredentialError(f"{what} must be 32 hex digits, got {len(cleaned)} characters")
-    try:
-        return binascii.unhexlify(cleaned)
-    except binascii.Error:
-        raise CredentialError(f"{what} is not hexadecimal") from None
+    if not HEX32.fullmatch(cleaned):
+        raise CredentialError(f"{what} must be 32 hex digits (0-9, a-f), it has other characters")
+    return binascii.unhexlify(cleaned)
 
 
 def invert(hash_bytes: bytes) -> bytes:
@@ -84,23 +88,37 @@ def parse_standard_hashes(value: str) -> tuple[bytes, bytes]:
     raise CredentialError("ntlm_hashes must be NT or LM:NT, 32 hex digits each")
 
 
-def read_secret_file(path: str) -> str:
-    """First line of a file that only its owner can read (like ~/.ssh keys)."""
-    p = Path(path).expanduser()
+def read_secret_text(path: str, what: str = "ntlm_password_file") -> str:
+    """The text of a regular file that only its owner can read (like ~/.ssh keys).
+
+    Never blocks (a FIFO, directory or device is refused before it is read) and never guesses
+    an encoding; `what` names the option in the messages."""
+    label = f"{what} {path}"
+
+    def private(st: os.stat_result) -> None:
+        if os.name != "posix":
+            return  # Windows reports no owner/group/other bits (ACLs decide): nothing to check
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise CredentialError(
+                f"{label} is readable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise CredentialError(f"{label} is not owned by the current user")
+
     try:
-        st = p.stat()
-    except OSError as e:
-        raise CredentialError(f"ntlm_password_file {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialError(
-            f"ntlm_password_file {path} is readable by others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-        )
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise CredentialError(f"ntlm_password_file {path} is not owned by the current user")
-    lines = p.read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0]:
-        raise CredentialError(f"ntlm_password_file {path} is empty")
+        return decode_text(read_regular_file(path, what, check=private), label)
+    except FileRefused as e:
+        raise CredentialError(str(e)) from None
+
+
+def read_secret_file(path: str, what: str = "ntlm_password_file") -> str:
+    """The password on the first line of a secret file (see read_secret_text)."""
+    lines = read_secret_text(path, what).splitlines()
+    if not lines:
+        raise CredentialError(f"{what} {path} is empty: put the password on its first line")
+    if not lines[0]:
+        raise CredentialError(f"{what} {path} has an empty first line: put the password there")
     return lines[0]
 
 
@@ -113,6 +131,41 @@ def split_principal(user: str, domain: str) -> tuple[str, str]:
         name, _, dom = user.partition("@")
         return name, dom
     return user, domain
+
+
+# Caps on names clients send, with room to spare over what a domain accepts (sAMAccountName
+# at most 20 characters, a UPN at most 1024, a DNS domain name at most 253 bytes): longer
+# ones cannot be a logon, and every map keyed by users stays small.
+MAX_USER_BYTES = 256
+MAX_DOMAIN_BYTES = 255
+
+
+def check_client_names(name: str, domain: str) -> None:
+    """Refuse a user name and domain (as split_principal returns them) that cannot be a
+    logon, before anything is sent to the parent."""
+    if not name:
+        raise CredentialError("the user name is empty; send DOMAIN\\user (or user@domain) and "
+                              "the password")
+    for what, value, cap in (("user name", name, MAX_USER_BYTES),
+                             ("domain", domain, MAX_DOMAIN_BYTES)):
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > cap:
+            raise CredentialError(f"the {what} is too long ({size} bytes; at most {cap})")
+
+
+def account_of(principal: str) -> str:
+    """The account a logon counts against, as the lockout guard counts: the user name without
+    any domain (`DOMAIN\\user`, `user@domain`), compared case-insensitively.
+
+    The domain is left out on purpose: a domain controller takes a domain name it does not
+    know for its own, so `CORP\\alice`, `corp\\ALICE`, `alice@corp.example` and `OTHER\\alice`
+    can all be one account. Equal user names in different domains share a count (the guard
+    errs towards stopping); a UPN whose prefix differs from the account name is not matched.
+    """
+    name = principal.rpartition("\\")[2]
+    if "@" in name:
+        name = name.partition("@")[0]
+    return name.casefold()
 
 
 @dataclass(frozen=True)

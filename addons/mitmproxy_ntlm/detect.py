@@ -37,6 +37,14 @@ class DetectError(Exception):
     """Detection cannot go on; the message is one line meant for the user."""
 
 
+class SchemeNotOffered(DetectError):
+    """The parent's 407 does not offer the scheme tried; `offered` lists what it offers."""
+
+    def __init__(self, message: str, offered: list[str]) -> None:
+        super().__init__(message)
+        self.offered = offered
+
+
 @dataclass(frozen=True)
 class Attempt:
     """The outcome of one dialect: accepted (status is the parent's answer) or rejected."""
@@ -44,6 +52,7 @@ class Attempt:
     dialect: Dialect
     accepted: bool
     status: int
+    scheme: str = "NTLM"  # "Negotiate": NTLM inside Negotiate, for a Negotiate-only parent
 
 
 def parse_parent(parent: str) -> tuple[str, int]:
@@ -114,38 +123,43 @@ class _Connection:
             self.buf += data
 
 
-def _request(url: str, token: bytes) -> bytes:
+def _request(url: str, token: bytes, scheme: str) -> bytes:
     host = urlsplit(url).netloc
     lines = [
         f"GET {url} HTTP/1.1",
         f"Host: {host}",
         "User-Agent: mitm-ntlm-detect",
         "Proxy-Connection: keep-alive",
-        f"Proxy-Authorization: NTLM {b64(token)}",
+        f"Proxy-Authorization: {scheme} {b64(token)}",
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def try_dialect(host: str, port: int, creds: Credentials, dialect: Dialect, url: str,
-                before_type3: Callable[[Dialect], None]) -> Attempt:
-    """One full handshake with `dialect` on a new connection."""
+                before_type3: Callable[[Dialect], None], scheme: str = "NTLM") -> Attempt:
+    """One full handshake with `dialect` on a new connection, under the `scheme` header."""
     conn = _Connection(host, port)
     try:
-        hs = NtlmHandshake(creds, dialect, host)
-        head, open_ = conn.exchange(_request(url, hs.negotiate()))
+        hs = NtlmHandshake(creds, dialect, host, scheme)
+        head, open_ = conn.exchange(_request(url, hs.negotiate(), scheme))
         if head.status != 407:
             raise DetectError(f"parent {conn.where} answered {head.status} to a request "
                               "without credentials: it needs no authentication")
         try:
-            challenge = ntlm_challenge(head)
+            challenge = ntlm_challenge(head, scheme=scheme)
         except WireError as e:
-            if str(e) == "NTLM is not offered":
-                schemes = ", ".join(offered_schemes(head)) or "nothing"
-                raise DetectError(f"parent {conn.where} does not offer NTLM "
-                                  f"(it offers: {schemes})") from None
+            if str(e) == f"{scheme} is not offered":
+                offered = offered_schemes(head)
+                raise SchemeNotOffered(f"parent {conn.where} offers neither NTLM nor Negotiate "
+                                       f"(it offers: {', '.join(offered) or 'nothing'})",
+                                       offered) from None
             raise DetectError(f"parent {conn.where} sent a malformed NTLM challenge: {e}") \
                 from None
         if challenge is None:
+            if scheme == "Negotiate":
+                raise DetectError(f"parent {conn.where} offers only Negotiate and does not take "
+                                  f"NTLM inside it: it wants Kerberos (see the ntlm_kerberos_* "
+                                  f"options), which detect does not try")
             raise DetectError(f"parent {conn.where} answered the Type 1 without a challenge")
         if not open_:
             raise DetectError(f"parent {conn.where} closed the connection after its challenge; "
@@ -155,8 +169,8 @@ def try_dialect(host: str, port: int, creds: Credentials, dialect: Dialect, url:
         except ChallengeError as e:
             raise DetectError(f"parent {conn.where}: {e}") from None
         before_type3(dialect)
-        head, _ = conn.exchange(_request(url, type3))
-        return Attempt(dialect, head.status != 407, head.status)
+        head, _ = conn.exchange(_request(url, type3, scheme))
+        return Attempt(dialect, head.status != 407, head.status, scheme)
     except WireError as e:
         raise DetectError(f"parent {conn.where} sent something that is not HTTP: {e}") from None
     finally:
@@ -168,13 +182,22 @@ def detect(parent: str, creds: Credentials, url: str, try_all: bool,
     """Try the dialects strongest first; stop at the first accepted one.
 
     Without `try_all` it also stops at the first rejection, since every rejection costs a
-    failed logon (a few of them lock the account).
+    failed logon (a few of them lock the account). A parent that offers only Negotiate gets
+    NTLM inside Negotiate, as the addon sends it (finding that out costs no logon: only a
+    Type 1 was sent).
     """
     quiet_spnego_logs()
     host, port = parse_parent(parent)
     attempts: list[Attempt] = []
+    scheme = "NTLM"
     for dialect in Dialect:
-        attempt = try_dialect(host, port, creds, dialect, url, before_type3)
+        try:
+            attempt = try_dialect(host, port, creds, dialect, url, before_type3, scheme)
+        except SchemeNotOffered as e:
+            if scheme != "NTLM" or not any(s.lower() == "negotiate" for s in e.offered):
+                raise
+            scheme = "Negotiate"
+            attempt = try_dialect(host, port, creds, dialect, url, before_type3, scheme)
         attempts.append(attempt)
         if attempt.accepted or not try_all:
             break

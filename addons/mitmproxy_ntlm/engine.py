@@ -44,9 +44,10 @@ from . import wire
 from .credentials import Credentials
 from .handshake import ChallengeError, NtlmHandshake
 from .kerberos import KerberosHandshake, KerberosRejected
-from .policy import AuthUnavailable, UpstreamPolicy
+from .policy import Attempt, AttemptsBusy, AuthUnavailable, UpstreamPolicy
 from .schemes import NoScheme, SchemeMode
 from .trace import HandshakeTrace
+from .untrusted import PAGE_LIMIT, shown
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -93,16 +94,20 @@ class Established:
 
 @dataclass
 class Failed:
-    """CONNECT only: the tunnel cannot be opened; `reason` is shown to the client."""
+    """CONNECT only: the tunnel cannot be opened; `reason` is shown to the client, with
+    `status`, or the policy's answer to credentials that did not work (`auth_failure`)."""
 
     reason: str
+    status: int = 502
+    auth_failure: bool = False
 
 
 @dataclass
 class StartTimer:
-    """Ask for `timed_out(generation)` after the handshake timeout."""
+    """Ask for `timed_out(generation)` after the handshake timeout (or `delay` seconds)."""
 
     generation: int
+    delay: float | None = None
 
 
 Action = ToParent | ToChild | CloseParent | Reconnect | Established | Failed | StartTimer
@@ -122,7 +127,11 @@ class Phase(Enum):
     LEG1 = "leg1"  # Type 1 sent
     LEG3 = "leg3"  # Type 3 sent
     KERBEROS = "kerberos"  # the single Kerberos token sent
+    WAITING = "waiting"  # for an attempt slot of the account (lockout guard), nothing sent
 
+
+# A hidden handshake response is outstanding (its body, e.g. a 407 page, goes to the trace).
+_LEG_PHASES = (Phase.LEG1, Phase.LEG3, Phase.KERBEROS)
 
 class AuthEngine:
     """Authenticates one connection to a parent or a server; the module docstring has the legs.
@@ -158,6 +167,7 @@ class AuthEngine:
         self.creds: Credentials | None = None
         self.phase = Phase.IDLE
         self.connect_mode = False
+        self.failure: Failed | None = None  # why the CONNECT failed, for its answer
         self.generation = 0
 
         self._req_in = bytearray()
@@ -176,6 +186,11 @@ class AuthEngine:
         self._handshake: NtlmHandshake | KerberosHandshake | None = None
         self._reconnects = 0
         self._scheme_switches = 0  # per request: Kerberos -> NTLM, NTLM -> Negotiate
+        # The lockout guard's slot for this logon (untried credentials), held until it ends.
+        self._attempt: Attempt | None = None
+        self._attempt_for: Credentials | None = None
+        self._wait_until: float | None = None  # waiting for a slot until then (monotonic)
+        self._wait_delay = 0.0
 
         # Connection pool (see the module docstring).
         self.track_reuse = False
@@ -183,6 +198,7 @@ class AuthEngine:
         self.reused = False  # this connection came from the pool
         self._answered = False  # the parent sent something since the connection was adopted
         self._reusable = True  # nothing seen that rules out keeping the connection
+        self.stray: str | None = None  # bytes outside any response seen: what they were
         self._resp_framer: wire.BodyFramer | None = None
         self._uses = 1
         self._new_connection = False  # the next request needs a new parent connection
@@ -248,17 +264,36 @@ class AuthEngine:
         if framer is None:
             self._reusable = False
 
-    def _frame_response(self, data: bytes | bytearray) -> None:
+    def _frame_response(self, data: bytes) -> list[Action]:
+        """Pass response bytes on; bytes after its end belong to no request: they are
+        dropped and the connection closed, never lent (they could reach another client)."""
         framer = self._resp_framer
         if framer is None or not data:
-            return
+            return [ToChild(data)] if data else []
         try:
             n = framer.feed(data)
-        except wire.WireError:
-            n = -1
-        if n != len(data):  # malformed, or bytes beyond the response: not ours to judge
+        except wire.WireError:  # this client's own malformed body: mitmproxy judges it
             self._reusable = False
             self._resp_framer = None
+            return [ToChild(data)]
+        if n == len(data):
+            return [ToChild(data)]
+        return self._stray(len(data) - n, "after a complete response", data[:n])
+
+    def _stray(self, count: int, where: str, framed: bytes = b"") -> list[Action]:
+        """Bytes outside any framed response: pass `framed` (the end of this client's
+        response), close the connection, and say so (`stray`) so the pool stops sharing
+        this parent's connections between clients."""
+        self.stray = f"{count} bytes {where}"
+        log.warning("[ntlm] %s -> %s: the %s sent %s; closing the connection", self.client,
+                    self.parent, self.target.name, self.stray)
+        self._reusable = False
+        self._resp_framer = None
+        self._passing = False
+        self.state = ConnState.FAILED  # nothing more from this connection reaches anyone
+        self.phase = Phase.IDLE
+        out: list[Action] = [ToChild(framed)] if framed else []
+        return [*out, CloseParent()]
 
     def resume_pooled(self, creds: Credentials, authenticated_at: float | None,
                       uses: int) -> None:
@@ -305,16 +340,23 @@ class AuthEngine:
         `auth_failure`: the credentials were rejected or withheld; the policy decides how the
         client is told (a 407 challenge in multi-user mode, so it can retry).
         """
+        reason = shown(reason, PAGE_LIMIT)  # goes to a page, a log, a comment; quotes clients
+        if self.trace is not None and self.phase in _LEG_PHASES and self._resp_in:
+            self.trace.received_body(self._resp_in)  # the refusal's page, as far as it came
+        self._end_attempt()
+        self._wait_until = None
         self.state = ConnState.FAILED
         self._passing = False
         if self.trace and self.trace.result in ("pending", "reused"):
             self.trace.finish(result or f"failed: {reason}", logging.WARNING)
         if self.trace:
+            self.trace.error_status = status
             self.policy.record(self.trace_key, self.trace)
         log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
         self.phase = Phase.IDLE
         if self.connect_mode:
-            return [Failed(reason), CloseParent()]
+            self.failure = Failed(reason, status, auth_failure)
+            return [self.failure, CloseParent()]
         headers: dict[str, str] = {}
         if auth_failure:
             status, headers = self.policy.failure_response()
@@ -336,6 +378,9 @@ class AuthEngine:
         assert self._req is not None
         try:
             self.creds = self._credentials()
+            self._reserve_attempt()
+        except AttemptsBusy as e:
+            return self._wait_for_attempt(str(e))
         except AuthUnavailable as e:
             if self.target is ORIGIN:  # the server's own 401 reaches the client
                 log.warning("[ntlm] %s", e)
@@ -380,6 +425,40 @@ class AuthEngine:
         else:
             self.trace.sent(leg)
         return [ToParent(leg), StartTimer(self.generation)]
+
+    def _reserve_attempt(self) -> None:
+        """Hold a lockout-guard slot for a logon to the parent with these credentials, from
+        before the first leg until the logon ends (`_end_attempt`)."""
+        assert self.creds is not None
+        if self.target is not PARENT or self.fixed_creds is not None or \
+                self._attempt_for == self.creds:
+            return
+        self._end_attempt()
+        self._attempt = self.policy.attempt(self.creds)
+        self._attempt_for = self.creds
+        self._wait_until = None
+
+    def _end_attempt(self) -> None:
+        self.policy.attempt_ended(self._attempt)
+        self._attempt = self._attempt_for = None
+
+    def _wait_for_attempt(self, why: str) -> list[Action]:
+        """All of the account's slots are taken: look again shortly (the logons in flight end
+        within the handshake timeout), and refuse once that has passed."""
+        now = time.monotonic()
+        if self._wait_until is None:
+            self._wait_until = now + self.policy.handshake_timeout
+            self._wait_delay = 0.02
+            assert self.creds is not None
+            log.info("[ntlm] %s -> %s: waiting for the logons in progress for %s",
+                     self.client, self.parent, self.creds.principal)
+        elif now >= self._wait_until:
+            return self._fail(f"{why} Try again in a moment.", auth_failure=True)
+        else:
+            self._wait_delay = min(self._wait_delay * 2, 0.5)
+        self.phase = Phase.WAITING
+        self.generation += 1
+        return [StartTimer(self.generation, delay=self._wait_delay)]
 
     def _kerberos_logon_rejected(self, reason: str) -> list[Action]:
         """The KDC refused the password: a failed logon, counted like a rejected Type 3."""
@@ -525,7 +604,8 @@ class AuthEngine:
     def _body(self, chunk: bytes) -> list[Action]:
         if not chunk:
             return []
-        holding = self.phase in (Phase.LEG1, Phase.KERBEROS) and self._probe
+        holding = self.phase is Phase.WAITING or \
+            (self.phase in (Phase.LEG1, Phase.KERBEROS) and self._probe)
         if self._replay is not None:
             if holding or len(self._replay) + len(chunk) <= self.policy.replay_limit:
                 self._replay += chunk
@@ -541,11 +621,11 @@ class AuthEngine:
         """Bytes from the parent connection."""
         self._answered = True
         if self._passing:
-            if self._resp_framer is not None:
-                self._frame_response(data)
-            return [ToChild(data)]
+            return self._frame_response(data)
         if self.state is ConnState.FAILED:
             return []
+        if self.phase in (Phase.IDLE, Phase.WAITING) and self._skip is None:
+            return self._stray(len(data), "with no request outstanding")
         self._resp_in += data
         out: list[Action] = []
         while self._resp_in and not self._passing and self.state is not ConnState.FAILED:
@@ -556,6 +636,8 @@ class AuthEngine:
                     out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
                                       f"response body: {e}.")
                     break
+                if self.trace is not None and self.phase in _LEG_PHASES:  # e.g. the 407 page
+                    self.trace.received_body(self._resp_in[:n], self._skip.done)
                 del self._resp_in[:n]
                 if not self._skip.done:
                     break
@@ -566,10 +648,20 @@ class AuthEngine:
                 continue
             try:
                 raw = wire.split_head(self._resp_in)
-                if raw is None:
-                    break
+            except wire.WireError as e:  # too large: says nothing of the bytes themselves
+                out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
+                                  f"response: {e}.")
+                break
+            if raw is None:
+                break
+            try:
+                head = wire.parse_response_head(raw)
+            except wire.WireError as e:
+                out += self._unclean_response(e)
+                break
+            try:
                 # Handling includes framing a hidden response's body (e.g. its Content-Length).
-                out += self._on_response(wire.parse_response_head(raw))
+                out += self._on_response(head)
             except wire.WireError as e:
                 out += self._fail(f"The {self.target.name} {self.parent} sent a malformed "
                                   f"response: {e}.")
@@ -577,6 +669,31 @@ class AuthEngine:
             if self.connect_mode and self.state is not ConnState.UNAUTHENTICATED:
                 break
         return out
+
+    def _unclean_response(self, error: wire.WireError) -> list[Action]:
+        """A response that does not start with a status line, e.g. bytes left over from an
+        earlier exchange. They may belong to another request: nobody is shown them
+        (`WireError` never quotes bytes). On a connection lent by the pool, a request that is
+        safe to repeat (GET, HEAD, OPTIONS: nothing changes if the parent acted on it) is
+        sent again on another connection; anything else fails for this client only."""
+        self._resp_in.clear()
+        self._reusable = False
+        self.stray = "bytes where a response should start"
+        retry = (self.reused and self.phase is Phase.PLAIN and not self.connect_mode
+                 and self._req_method().upper() in ("GET", "HEAD", "OPTIONS")
+                 and self._req_complete and self._replay is not None
+                 and self.can_reconnect and self._reconnects < 1)
+        if retry:
+            self._reconnects += 1
+            log.warning("[ntlm] %s -> %s: the pooled connection answered with bytes that are "
+                        "not a response; closed, the %s goes again on another connection",
+                        self.client, self.parent, self._req_method())
+            self.reused = False
+            self.state = ConnState.UNAUTHENTICATED
+            self.phase = Phase.IDLE
+            return [Reconnect()]
+        return self._fail(f"The {self.target.name} {self.parent} answered with bytes that are "
+                          f"not an HTTP response ({error}); the connection was closed.")
 
     def _skip_body(self, head: wire.Head, then: Callable[[], list[Action]]) -> list[Action]:
         """Consume the body of a hidden response, then continue with `then`."""
@@ -612,7 +729,7 @@ class AuthEngine:
         self.phase = Phase.IDLE
         if self.track_reuse:
             self._track_response(head)
-            self._frame_response(rest)
+            return [ToChild(head.raw), *self._frame_response(rest)]
         return [ToChild(head.raw + rest)]
 
     def _on_response(self, head: wire.Head) -> list[Action]:
@@ -642,6 +759,7 @@ class AuthEngine:
             self.trace.finish("no auth needed")
             self.policy.record(self.trace_key, self.trace)
             self.state = ConnState.NO_AUTH_NEEDED
+            self._end_attempt()
             if self._probe:
                 return self._skip_body(head, self._send_plain)
             return self._pass_response(head)
@@ -772,6 +890,7 @@ class AuthEngine:
         self.state = ConnState.AUTHENTICATED
         self.authenticated_at = time.time()
         self.policy.accepted(self.creds)
+        self._end_attempt()
         self.trace.finish("authenticated")
         self.policy.record(self.trace_key, self.trace)
 
@@ -846,6 +965,9 @@ class AuthEngine:
         return self._fail("mitmproxy-ntlm hit an internal error; the log has the details.")
 
     def timed_out(self, generation: int) -> list[Action]:
+        if generation == self.generation and self.phase is Phase.WAITING and \
+                self.state is not ConnState.FAILED:
+            return self._start_legs()  # see _wait_for_attempt
         if generation != self.generation or \
                 self.phase not in (Phase.LEG1, Phase.LEG3, Phase.KERBEROS):
             return []

@@ -318,4 +318,5 @@ def _default_ccache_name() -> str:
         cc = krb5.cc_default(ctx)
         return ((cc.cache_type or b"FILE") + b":" + (cc.name or b"")).decode()
     except Exception:  # pragma: no cover - the cache was just read
-        return f"FILE:/tmp/krb5cc_{os.getuid()}"
+        uid = os.getuid() if hasattr(os, "getuid") else "UID"  # no getuid on Windows
+        return f"FILE:/tmp/krb5cc_{uid}"

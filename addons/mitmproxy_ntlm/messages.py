@@ -1,7 +1,8 @@
-"""Human-readable summaries of NTLM messages for logs and flow annotations.
+"""Human-readable summaries of NTLM, SPNEGO and Kerberos tokens for logs, flows and views.
 
-Decoding uses pyspnego's message structures. A summary never carries a response, a session key
-or a MIC: only names, flags and sizes, so it is safe to log at any level.
+Decoding uses pyspnego's message structures. A summary never carries a response, a session key,
+a MIC, a ticket or an authenticator: only names, flags, times and sizes, so it is safe to log at
+any level and to show in mitmweb.
 """
 
 from __future__ import annotations
@@ -10,13 +11,26 @@ import base64
 import binascii
 from typing import Any
 
+from spnego._context import GSSMech
+from spnego._kerberos import (
+    KerberosV5Msg,
+    KrbApRep,
+    KrbApReq,
+    KrbError,
+    PrincipalName,
+    parse_enum,
+    parse_flags,
+)
 from spnego._ntlm_raw.messages import (
     Authenticate,
+    AvFlags,
     AvId,
     Challenge,
     Negotiate,
     NegotiateFlags,
+    Version,
 )
+from spnego._spnego import InitialContextToken, NegTokenInit, NegTokenResp, unpack_token
 
 _SIGNATURE = b"NTLMSSP\x00"
 
@@ -44,6 +58,14 @@ def _safe(getter: Any) -> Any:
         return None
 
 
+def _version(version: Version | None) -> dict[str, str]:
+    """The sender's OS version (e.g. 10.0.19041), when the message carries one."""
+    if not version:
+        return {}
+    return {"version": f"{version.major}.{version.minor}.{version.build} "
+                       f"(NTLM revision {version.revision})"}
+
+
 def describe_negotiate(token: bytes) -> dict[str, Any]:
     msg = Negotiate.unpack(token)
     return {
@@ -51,6 +73,7 @@ def describe_negotiate(token: bytes) -> dict[str, Any]:
         "flags": flag_names(msg.flags),
         "domain": _safe(lambda: msg.domain_name),
         "workstation": _safe(lambda: msg.workstation),
+        **_version(_safe(lambda: msg.version)),
     }
 
 
@@ -68,14 +91,19 @@ def describe_challenge(token: bytes) -> dict[str, Any]:
             AvId.nb_computer_name: "netbios_computer",
             AvId.dns_domain_name: "dns_domain",
             AvId.dns_computer_name: "dns_computer",
+            AvId.dns_tree_name: "dns_tree",
+            AvId.target_name: "spn",
         }
         for av_id, key in names.items():
             if av_id in info:
                 summary[key] = str(info[av_id])
         if AvId.timestamp in info:
-            summary["timestamp"] = str(info[AvId.timestamp])
+            summary["timestamp"] = str(info[AvId.timestamp])  # ISO 8601, UTC (MsvAvTimestamp)
+        if AvId.flags in info:
+            summary["av_flags"] = [f.name for f in AvFlags if f.name and info[AvId.flags] & f]
     else:
         summary["target_info"] = "none"
+    summary.update(_version(_safe(lambda: msg.version)))
     return summary
 
 
@@ -99,7 +127,11 @@ def describe_authenticate(token: bytes) -> dict[str, Any]:
         "dialect": dialect_of(msg),
         "nt_response_bytes": len(_safe(lambda: msg.nt_challenge_response) or b""),
         "lm_response_bytes": len(_safe(lambda: msg.lm_challenge_response) or b""),
+        # Whether they are there, never their bytes.
+        "session_key": "present" if _safe(lambda: msg.encrypted_random_session_key) else "none",
+        "mic": "present" if (_safe(lambda: msg.mic) or b"\0").strip(b"\0") else "none",
         "flags": flag_names(msg.flags),
+        **_version(_safe(lambda: msg.version)),
     }
 
 
@@ -121,20 +153,97 @@ def describe(token: bytes) -> dict[str, Any]:
     return {"error": "not an NTLMSSP message"}
 
 
-_KRB5_OID = bytes.fromhex("06092a864886f712010202")  # 1.2.840.113554.1.2.2
-_SPNEGO_OID = bytes.fromhex("06062b0601050502")  # 1.3.6.1.5.5.2
-
-
 def describe_gss(token: bytes) -> dict[str, Any]:
-    """Name a Kerberos or SPNEGO token by its framing only (its content is a credential)."""
-    if token[:1] == b"\x60" and _SPNEGO_OID in token[:24]:
-        inner = "Kerberos AP-REQ" if _KRB5_OID in token[:96] else "other mechanism"
-        return {"type": "SPNEGO NegTokenInit", "carries": inner, "bytes": len(token)}
-    if token[:1] == b"\x60" and _KRB5_OID in token[:24]:
-        return {"type": "Kerberos AP-REQ", "bytes": len(token)}
-    if token[:1] == b"\xa1":
-        return {"type": "SPNEGO NegTokenResp", "bytes": len(token)}
+    """A SPNEGO or Kerberos token, decoded by pyspnego; {} when it is neither. Kerberos shows
+    names, realms, encryption types and times; never a ticket's or authenticator's bytes."""
+    try:
+        parsed = unpack_token(token, unwrap=True)
+    except Exception:
+        return {}
+    try:
+        return _describe_gss(parsed, token)
+    except Exception as e:
+        return {"type": "GSS token", "error": f"undecodable ({type(e).__name__})",
+                "bytes": len(token)}
+
+
+def _describe_gss(parsed: Any, token: bytes) -> dict[str, Any]:
+    if isinstance(parsed, InitialContextToken):  # GSS framing: SPNEGO, or raw Kerberos
+        inner = parsed.token
+        if isinstance(inner, NegTokenInit | NegTokenResp | KerberosV5Msg):
+            return _describe_gss(inner, token)
+        return {"type": "GSS token", "mechanism": _mech_name(parsed.this_mech),
+                "bytes": len(token)}
+    if isinstance(parsed, NegTokenInit):
+        summary: dict[str, Any] = {
+            "type": "SPNEGO NegTokenInit",
+            "mechanisms": [_mech_name(m) for m in parsed.mech_types or []],
+        }
+        if parsed.mech_token:
+            summary["token"] = describe(parsed.mech_token)
+        if parsed.hint_name:
+            summary["hint"] = parsed.hint_name.decode("utf-8", "replace")
+        return summary
+    if isinstance(parsed, NegTokenResp):
+        summary = {"type": "SPNEGO NegTokenResp"}
+        if parsed.neg_state is not None:
+            summary["state"] = parsed.neg_state.name
+        if parsed.supported_mech:
+            summary["mechanism"] = _mech_name(parsed.supported_mech)
+        if parsed.response_token:
+            summary["token"] = describe(parsed.response_token)
+        if parsed.mech_list_mic:
+            summary["mic"] = "present"
+        return summary
+    if isinstance(parsed, KerberosV5Msg):
+        return describe_kerberos(parsed)
     return {}
+
+
+def _mech_name(oid: str) -> str:
+    try:
+        return GSSMech.native_labels()[GSSMech.from_oid(oid)]
+    except (KeyError, ValueError):
+        return oid
+
+
+def _principal(name: PrincipalName | None) -> str | None:
+    return "/".join(v.decode("utf-8", "replace") for v in name.value) if name else None
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+def describe_kerberos(msg: KerberosV5Msg) -> dict[str, Any]:
+    """The clear-text fields of a Kerberos message. An AP-REQ's client principal is inside its
+    encrypted authenticator: only the realm and service of the ticket are in clear."""
+    if isinstance(msg, KrbApReq):
+        ticket = msg.ticket
+        return {
+            "type": "Kerberos AP-REQ",
+            "realm": _text(ticket.realm),
+            "service": _principal(ticket.sname),
+            "ticket_enctype": parse_enum(ticket.enc_part.etype),
+            "ticket_kvno": ticket.enc_part.kvno,
+            "authenticator_enctype": parse_enum(msg.authenticator.etype),
+            "options": parse_flags(msg.ap_options)["flags"],
+        }
+    if isinstance(msg, KrbApRep):
+        return {"type": "Kerberos AP-REP", "enctype": parse_enum(msg.enc_part.etype)}
+    if isinstance(msg, KrbError):
+        summary = {
+            "type": "Kerberos KRB-ERROR",
+            "error": parse_enum(msg.error_code),
+            "realm": _text(msg.realm),
+            "service": _principal(msg.sname),
+            "client_realm": _text(msg.crealm),
+            "client": _principal(msg.cname),
+            "server_time": msg.stime.isoformat() if msg.stime else None,
+            "text": _text(msg.e_text),
+        }
+        return {k: v for k, v in summary.items() if v is not None}
+    return {"type": f"Kerberos {parse_enum(msg.MESSAGE_TYPE)}"}
 
 
 def describe_b64(value: str) -> dict[str, Any]:
@@ -150,10 +259,12 @@ def describe_b64(value: str) -> dict[str, Any]:
 
 
 def one_line(summary: dict[str, Any]) -> str:
-    """`key=value` text for a log line, flags shortened."""
+    """`key=value` text for a log line, lists joined with |, nested tokens in brackets."""
     parts = []
     for key, value in summary.items():
-        if key == "flags":
-            value = "|".join(value)
+        if isinstance(value, list):
+            value = "|".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            value = f"[{one_line(value)}]"
         parts.append(f"{key}={value}")
     return " ".join(parts)

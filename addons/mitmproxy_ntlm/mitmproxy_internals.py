@@ -5,7 +5,7 @@ connection. `HttpUpstreamProxy` (a private tunnel layer) builds every connection
 for CONNECT tunnels and for absolute-form plain http, and mitmproxy looks the class up through
 its module at call time; so `install()` swaps in a subclass that runs `engine.AuthEngine`
 on the connection, and `uninstall()` puts the original back. Verified on the versions in
-`SUPPORTED`; `check_version()` refuses others with a clear message.
+`versions.TESTED_MITMPROXY`; `check_version()` refuses others with a clear message.
 
 Connection pool (`set_pool`): mitmproxy ties server sockets to one client connection's
 `ConnectionHandler`, so an authenticated parent connection would serve one client only. Two
@@ -23,6 +23,13 @@ are wrapped:
   (hooks and events as for a fresh socket) instead of connecting.
 Everything else (requests, CONNECT) runs through the layer as on a fresh connection, with the
 engine starting authenticated.
+
+CONNECT answered after the parent (multi-user): mitmproxy answers a CONNECT `200` before the
+tunnel to the parent exists. `install()` wraps `HttpStream.handle_connect_regular` and
+`handle_connect_finish` (identical in all supported versions) so that a multi-user CONNECT
+through an http parent opens and authenticates its tunnel first and is answered with the
+outcome: `200`, or the `407` Basic challenge for credentials the parent rejected (see
+`_AnswerAfterParent`).
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import mitmproxy
 from mitmproxy import connection, http
+from mitmproxy import ctx as mitmproxy_ctx
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, server, server_hooks, tunnel
 from mitmproxy.proxy.layers import http as http_layers
@@ -47,12 +56,14 @@ from . import engine as eng
 from .parents import ParentList
 from .policy import AuthUnavailable, UpstreamPolicy
 from .pool import ParentPool, PooledConnection, PoolKey, Reservation, Waiter
+from .versions import NEWEST_MITMPROXY, TESTED_MITMPROXY, mitmproxy_tested
 from .wire import ResponseRest
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-SUPPORTED = ("10.4.", "11.0.", "12.2.")
-"""mitmproxy release lines this layer was tested against (tunnel.py is identical in all)."""
+SUPPORTED = TESTED_MITMPROXY
+"""mitmproxy release lines this layer was tested against (tunnel.py is identical in all; of
+`_upstream_proxy.py`, only the CONNECT head differs, which `_connect_request_head` builds)."""
 
 _ORIGINAL: type[_upstream_proxy.HttpUpstreamProxy] = getattr(
     _upstream_proxy.HttpUpstreamProxy, "_ntlm_original", _upstream_proxy.HttpUpstreamProxy
@@ -96,12 +107,14 @@ def mitmproxy_version() -> str:
 def check_version(version: str | None = None) -> None:
     """Refuse to patch a mitmproxy whose private layers we have not tested."""
     version = version or mitmproxy_version()
-    if not version.startswith(SUPPORTED):
+    if not mitmproxy_tested(version):
         tested = ", ".join(v + "x" for v in SUPPORTED)
+        newest = " or ".join(f"'mitmproxy=={v}' (Python {py})"
+                             for py, v in NEWEST_MITMPROXY.items())
         raise UnsupportedMitmproxy(
             f"mitmproxy-ntlm replaces a private mitmproxy layer and is tested with mitmproxy "
             f"{tested}; this is mitmproxy {version}. Install a tested version, e.g. "
-            f"pip install 'mitmproxy==11.0.2' (Python 3.11) or 'mitmproxy==12.2.3' (Python 3.12+)."
+            f"pip install {newest}."
         )
     for name in ("_handshake_finished", "on_handshake_error", "event_to_child"):
         if not hasattr(_ORIGINAL, name):  # pragma: no cover - guards against silent drift
@@ -109,6 +122,9 @@ def check_version(version: str | None = None) -> None:
     for name in ("open_connection", "handle_connection", "server_event", "handle_hook"):
         if not hasattr(server.ConnectionHandler, name):  # pragma: no cover
             raise UnsupportedMitmproxy(f"mitmproxy {version}: ConnectionHandler.{name} is missing")
+    for name in ("handle_connect_regular", "handle_connect_finish"):
+        if not hasattr(http_layers.HttpStream, name):  # pragma: no cover
+            raise UnsupportedMitmproxy(f"mitmproxy {version}: HttpStream.{name} is missing")
 
 
 class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
@@ -132,6 +148,11 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         self._adopted: PooledConnection | None = None  # pooled connection now in use
         self._uses = 1  # times this parent connection was handed out
         self._streams: _ParentStreams | None = None  # lends the connection between requests
+        # A CONNECT whose answer waits for this tunnel (see `_AnswerAfterParent`): how the
+        # handshake ended, and whether the child layer is yet to start on the open tunnel.
+        self.verdict: TunnelVerdict | None = None
+        self._answer_waits = False
+        self._start_pending = False
 
     # ------------------------------------------------------------------ setup
 
@@ -201,6 +222,8 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         streams, pool = self._streams, type(self).pool
         if streams is None or pool is None or streams.lent:
             return
+        if streams.key is not None and not pool.shares(streams.key):
+            return  # the parent misbehaved: this connection stays with this client
         pair = streams.detach()
         if pair is None:
             return
@@ -359,6 +382,10 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
     # chain that each command of a request climbs.
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.tunnel_state is tunnel.TunnelState.INACTIVE and isinstance(event, OpenBeforeAnswer):
+            return self._open_before_answer()
+        if self._start_pending and isinstance(event, events.Start):
+            return self._start_on_open_tunnel(event)
         if self._timers and isinstance(event, events.Wakeup) and event.command in self._timers:
             return self._on_wakeup(event.command)
         if self._retired and isinstance(event, events.ConnectionEvent) \
@@ -408,10 +435,10 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         actions = self._safely(self.engine.timed_out, generation)
         if not actions:
             return
-        if self.send_connect and not self._tunnel_open:
-            failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), "timeout")
+        failure = next((a.reason for a in actions if isinstance(a, eng.Failed)), None)
+        if self.send_connect and not self._tunnel_open and failure is not None:
             yield from self._abort_handshake(failure)
-        else:
+        else:  # a timeout, or the legs starting after a wait for the lockout guard
             yield from self._run(actions)
 
     def _abort_handshake(self, err: str) -> layer.CommandGenerator[None]:
@@ -442,10 +469,75 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         err = yield from self._connect_to_a_parent()
         if err:
             log.warning("[ntlm] %s", err)
+            self._tunnel_failed(err)
             yield from self.event_to_child(events.OpenConnectionCompleted(command, err))
             self.tunnel_state = tunnel.TunnelState.CLOSED
         else:
             yield from self.start_handshake()
+
+    def _tunnel_failed(self, err: str) -> None:
+        """The tunnel of an answered CONNECT failed. For intercepted https, mitmproxy's TLS
+        layer opened it early and its HTTP layer would open it again for the first request:
+        a second handshake timeout, or a second failed logon. `conn.error` is mitmproxy's
+        own "this server connection failed" (its HTTP layer then does not reconnect), and the
+        requests inside get this failure's status and text (`answer_failed_tunnel`)."""
+        if not self.send_connect or self.conn is self.tunnel_connection or self._direct:
+            return
+        failure = self.engine.failure if self.engine is not None else None
+        status = failure.status if failure is not None and not failure.auth_failure else 502
+        self.conn.error = err
+        _FAILED_TUNNELS[self.conn] = (status, err)
+
+    # ------------------------------------------------------------------ CONNECT answered after it
+
+    def _open_before_answer(self) -> layer.CommandGenerator[None]:
+        """Open and authenticate the tunnel before the client's CONNECT is answered; the
+        outcome goes to `self.verdict` (nothing is passed to the child layer until Start)."""
+        self._answer_waits = True
+        self.tunnel_state = tunnel.TunnelState.ESTABLISHING
+        err = yield from self._connect_to_a_parent()
+        if err:
+            log.warning("[ntlm] %s", err)
+            yield from self._handshake_finished(err)
+        else:
+            yield from self.start_handshake()
+
+    def _handshake_finished(self, err: str | None) -> layer.CommandGenerator[None]:
+        if not self._answer_waits:
+            if err:
+                self._tunnel_failed(err)
+            return super()._handshake_finished(err)
+        self._answer_waits = False
+        self.tunnel_state = tunnel.TunnelState.CLOSED if err else tunnel.TunnelState.OPEN
+        self._start_pending = err is None
+        self.verdict = self._verdict(err)
+        return _nothing()
+
+    def _verdict(self, err: str | None) -> TunnelVerdict:
+        """What the client's CONNECT is answered: the policy's 407 challenge for rejected or
+        withheld credentials, 504 for a parent that did not answer in time, else 502."""
+        if err is None:
+            return TunnelVerdict()
+        failure = self.engine.failure if self.engine is not None else None
+        policy = type(self).policy
+        if failure is not None and failure.auth_failure and policy is not None:
+            status, headers = policy.failure_response()
+            return TunnelVerdict(err, status, headers)
+        return TunnelVerdict(err, failure.status if failure is not None else 502)
+
+    def _start_on_open_tunnel(self, event: events.Start) -> layer.CommandGenerator[None]:
+        """The CONNECT was answered 200: the child layer starts on the open connection, as
+        with connection_strategy=eager (see `_ServerTlsFirst`), then gets what the parent
+        sent after its 200 (held back until now)."""
+        self._start_pending = False
+        yield from self.event_to_child(event)
+        held, self._event_queue = self._event_queue, []
+        for held_event in held:
+            yield from self.event_to_child(held_event)
+
+    @property
+    def opened_before_answer(self) -> bool:
+        return self.verdict is not None and self.verdict.error is None
 
     def _connect_to_a_parent(self) -> layer.CommandGenerator[str | None]:
         """Open the parent connection: the chosen parent, else the others in order, else
@@ -536,17 +628,19 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
             elif isinstance(action, eng.ToChild):
                 yield from super().receive_data(action.data)
             elif isinstance(action, eng.CloseParent):
+                self._note_stray()
                 if self.send_connect and not self._tunnel_open:
                     continue  # the tunnel layer closes it when the handshake fails
                 if self.tunnel_connection.connected:
                     yield commands.CloseConnection(self.tunnel_connection)
             elif isinstance(action, eng.StartTimer):
                 policy = type(self).policy
-                timeout = policy.handshake_timeout if policy else 30.0
+                timeout = action.delay or (policy.handshake_timeout if policy else 30.0)
                 wakeup = commands.RequestWakeup(timeout)
                 self._timers[wakeup] = action.generation
                 yield wakeup
             elif isinstance(action, eng.Reconnect):
+                self._note_stray()
                 failure = yield from self._reconnect()
             elif isinstance(action, eng.Failed):
                 failure = action.reason
@@ -555,6 +649,18 @@ class NtlmUpstreamProxy(_ORIGINAL):  # type: ignore[misc,valid-type]
         if lend and self._streams is not None and engine is not None and engine.reusable():
             self._lend()
         return failure
+
+    def _note_stray(self) -> None:
+        """The engine saw bytes outside any response: the pool stops sharing this parent's
+        connections between clients (see `ParentPool.misbehaved`)."""
+        engine, pool = self.engine, type(self).pool
+        if engine is None or engine.stray is None:
+            return
+        streams = self._streams
+        key = streams.key if streams is not None and streams.key else self._pool_key()
+        if pool is not None and key is not None:
+            pool.misbehaved(key, engine.stray)
+        engine.stray = None
 
     def _reconnect(self) -> layer.CommandGenerator[str | None]:
         """Replace the parent connection after a 407 that closed it, and restart the legs."""
@@ -703,6 +809,12 @@ class _ParentStreams:
                             else "a connection closed, so a new one may be opened")
         elif self.closed and pool is not None:
             pool.discard(entry.key, entry.writer)
+            return None
+        elif not entry.alive() and pool is not None:  # closed, or bytes came since `put`
+            if entry.stray():
+                pool.misbehaved(entry.key, "bytes on a connection as it was lent")
+            pool.discard(entry.key, entry.writer)
+            self.gave_up = "the connection that came free was no longer usable"
             return None
         return entry
 
@@ -913,6 +1025,156 @@ def parent_tunnel(context: Any) -> layer.Layer:
     return NtlmUpstreamProxy.make(context, True)[0]
 
 
+# ---------------------------------------------------------------------- failed tunnels
+
+_FAILED_TUNNELS: weakref.WeakKeyDictionary[connection.Connection, tuple[int, str]] = \
+    weakref.WeakKeyDictionary()
+"""Server connections whose tunnel failed after the CONNECT was answered: status and text."""
+
+
+def answer_failed_tunnel(flow: http.HTTPFlow) -> None:
+    """Answer a request inside a tunnel that failed (intercepted https) with the failure,
+    e.g. 504 for a silent parent, instead of mitmproxy's generic 502."""
+    if not _FAILED_TUNNELS or flow.response is not None:
+        return
+    failed = _FAILED_TUNNELS.get(flow.server_conn)
+    if failed is not None:
+        status, text = failed
+        flow.response = http.Response.make(status, text + "\n", {
+            "Content-Type": "text/plain; charset=utf-8", "X-Mitmproxy-Ntlm": "error"})
+
+
+# ---------------------------------------------------------------------- CONNECT: answer after
+
+
+class OpenBeforeAnswer(events.Event):
+    """Asks a new parent tunnel to open and authenticate before the CONNECT is answered."""
+
+
+@dataclass
+class TunnelVerdict:
+    """How the tunnel of a waiting CONNECT ended: open (`error` None), or the status, headers
+    and text the client gets instead of `200 Connection established`."""
+
+    error: str | None = None
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _answers_after_parent(stream: http_layers.HttpStream) -> bool:
+    """Multi-user CONNECTs not answered yet wait for the parent: the parent's verdict on the
+    client's own credentials must be the answer (a 407 there is where browsers prompt)."""
+    policy = NtlmUpstreamProxy.policy
+    return policy is not None and policy.multiuser and not stream.flow.response
+
+
+def _handle_connect_regular(self: http_layers.HttpStream) -> layer.CommandGenerator[None]:
+    """Wraps `HttpStream.handle_connect_regular`: a CONNECT routed to an http parent
+    (`via`, set by routing.py) gets the parent tunnel now instead of after the answer."""
+    via = self.context.server.via
+    if via is None or via[0] != "http" or not _answers_after_parent(self):
+        return (yield from _ORIGINAL_CONNECT_REGULAR(self))
+    self.child_layer = parent_tunnel(self.context)
+    yield from self.handle_connect_finish()
+
+
+def _handle_connect_finish(self: http_layers.HttpStream) -> layer.CommandGenerator[None]:
+    """Wraps `HttpStream.handle_connect_finish`, which answers the CONNECT: with an http
+    parent tunnel under it, the answer waits for the tunnel (see `_AnswerAfterParent`)."""
+    child = self.child_layer
+    if not isinstance(child, NtlmUpstreamProxy) or not _answers_after_parent(self):
+        return (yield from _ORIGINAL_CONNECT_FINISH(self))
+    waiting = _AnswerAfterParent(self, child)
+    self._handle_event = waiting.handle_event  # type: ignore[method-assign]
+    yield from waiting.forward(OpenBeforeAnswer())
+
+
+class _AnswerAfterParent:
+    """Stands in for a CONNECT stream's event handler while its parent tunnel opens, then
+    answers: 200 and the tunnel, or the verdict (407 with the Basic challenge for credentials
+    the parent rejected) before any tunnel. Browsers ask for proxy credentials only on the
+    CONNECT's own answer; inside the tunnel a 407 is never shown, and a passthrough client
+    would only see its TLS handshake fail."""
+
+    def __init__(self, stream: http_layers.HttpStream, tunnel_: NtlmUpstreamProxy) -> None:
+        self.stream = stream
+        self.tunnel = tunnel_
+        self.held: list[events.Event] = []  # the client's HTTP events, for after the answer
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, http_layers.RequestProtocolError):
+            return self._client_gone(event)
+        if isinstance(event, http_layers.HttpEvent):
+            self.held.append(event)
+            return _nothing()
+        return self.forward(event)  # the tunnel's connection, hooks and timers
+
+    def forward(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from self.tunnel.handle_event(event)
+        verdict = self.tunnel.verdict
+        if verdict is not None:
+            yield from self._answer(verdict)
+
+    def _answer(self, verdict: TunnelVerdict) -> layer.CommandGenerator[None]:
+        stream = self.stream
+        if verdict.error is None:
+            del stream._handle_event  # HttpStream's own again; the 200 switches to passthrough
+        else:
+            stream.flow.response = http.Response.make(
+                verdict.status, verdict.error + "\n",
+                {"Content-Type": "text/plain", **verdict.headers})
+            stream._handle_event = self._after_failure  # type: ignore[method-assign]
+        yield from _ORIGINAL_CONNECT_FINISH(stream)
+        for event in self.held:
+            yield from stream._handle_event(event)
+
+    def _after_failure(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """Late events of the failed tunnel (its close, its timers) end here."""
+        if isinstance(event, http_layers.HttpEvent):
+            return http_layers.HttpStream._handle_event(self.stream, event)
+        return _nothing()
+
+    def _client_gone(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The client left before the answer: close the parent connection, end the flow."""
+        stream = self.stream
+        stream._handle_event = self._after_failure  # type: ignore[method-assign]
+        stream.client_state = stream.state_errored
+        if self.tunnel.tunnel_connection.connected:
+            yield commands.CloseConnection(self.tunnel.tunnel_connection)
+        assert isinstance(event, http_layers.RequestProtocolError)
+        stream.flow.error = mitmproxy.flow.Error(event.message)
+        yield http_layers.HttpErrorHook(stream.flow)
+        stream.flow.live = False
+        yield http_layers.DropStream(stream.stream_id)
+
+
+def _opened_before_answer(context: Any) -> bool:
+    return any(isinstance(x, NtlmUpstreamProxy) and x.opened_before_answer
+               for x in context.layers)
+
+
+class _ServerTlsFirst:
+    """Under a tunnel opened before its CONNECT was answered, the server connection is open
+    when the layers under it start, as with connection_strategy=eager; so TLS to the server
+    is set up first too, as eager does. (With lazy, mitmproxy's HTTP layer would send into a
+    server TLS layer that never started.) mitmproxy's TlsConfig decides this from
+    connection_strategy after all scripts: this addon is added after it, by `install`."""
+
+    name = "ntlm_server_tls_first"
+
+    def tls_clienthello(self, data: Any) -> None:
+        if data.context.server.tls and _opened_before_answer(data.context):
+            data.establish_server_tls_first = True
+
+
+_ORIGINAL_CONNECT_REGULAR = getattr(http_layers.HttpStream.handle_connect_regular,
+                                    "_ntlm_original", http_layers.HttpStream.handle_connect_regular)
+_ORIGINAL_CONNECT_FINISH = getattr(http_layers.HttpStream.handle_connect_finish,
+                                   "_ntlm_original", http_layers.HttpStream.handle_connect_finish)
+_handle_connect_regular._ntlm_original = _ORIGINAL_CONNECT_REGULAR  # type: ignore[attr-defined]
+_handle_connect_finish._ntlm_original = _ORIGINAL_CONNECT_FINISH  # type: ignore[attr-defined]
+
+
 class OriginAuthLayer(tunnel.TunnelLayer):
     """Answers an allow-listed server's `401 WWW-Authenticate: NTLM/Negotiate` on its own
     connection (Fiddler's "Automatically Authenticate"), between TLS and the HTTP client."""
@@ -985,6 +1247,12 @@ def install(policy: UpstreamPolicy) -> None:
     check_version()
     NtlmUpstreamProxy.policy = policy
     _upstream_proxy.HttpUpstreamProxy = NtlmUpstreamProxy  # type: ignore[misc]
+    stream = http_layers.HttpStream
+    stream.handle_connect_regular = _handle_connect_regular  # type: ignore[method-assign]
+    stream.handle_connect_finish = _handle_connect_finish  # type: ignore[method-assign]
+    addons = mitmproxy_ctx.master.addons
+    if addons.get(_ServerTlsFirst.name) is None:
+        addons.add(_ServerTlsFirst())
 
 
 def uninstall() -> None:
@@ -992,6 +1260,13 @@ def uninstall() -> None:
     set_pool(None)
     NtlmUpstreamProxy.policy = None
     _upstream_proxy.HttpUpstreamProxy = _ORIGINAL  # type: ignore[misc]
+    stream = http_layers.HttpStream
+    stream.handle_connect_regular = _ORIGINAL_CONNECT_REGULAR  # type: ignore[method-assign]
+    stream.handle_connect_finish = _ORIGINAL_CONNECT_FINISH  # type: ignore[method-assign]
+    master = getattr(mitmproxy_ctx, "master", None)
+    tls_first = master.addons.get(_ServerTlsFirst.name) if master is not None else None
+    if tls_first is not None:
+        master.addons.remove(tls_first)
 
 
 def installed() -> bool:

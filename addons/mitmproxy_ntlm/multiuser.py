@@ -15,14 +15,27 @@ from typing import Any
 
 from mitmproxy import http
 
-from .credentials import CredentialError, Credentials, hashes_from_password, split_principal
+from .credentials import (
+    CredentialError,
+    Credentials,
+    check_client_names,
+    hashes_from_password,
+    split_principal,
+)
 from .policy import UpstreamPolicy
 
 log = logging.getLogger("mitmproxy_ntlm")
 
 
+# The longest Basic header value read: a UPN (1024 characters) and a long password fit.
+MAX_BASIC_BYTES = 4096
+
+
 def decode_basic(value: str) -> tuple[str, str]:
     """(user, password) from a `Basic <base64(user:password)>` header value."""
+    if len(value) > MAX_BASIC_BYTES:
+        raise CredentialError(f"the Basic credentials are too long ({len(value)} bytes; at "
+                              f"most {MAX_BASIC_BYTES})")
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic" or not token:
         raise CredentialError("only Basic proxy authentication is accepted from clients")
@@ -42,9 +55,10 @@ def client_credentials(user: str, password: str, default_domain: str,
                        workstation: str, keep_password: bool = False) -> Credentials:
     """NTLM credentials for a client's user name and password (hashes only, unless Kerberos
     tickets are to be obtained with the password)."""
-    if not user or not password:
-        raise CredentialError("a user name and a password are needed")
     name, domain = split_principal(user, "")
+    check_client_names(name, domain)
+    if not password:
+        raise CredentialError("the password is empty")
     lm, nt = hashes_from_password(password)
     return Credentials(user=name, domain=domain or default_domain, workstation=workstation,
                        nt_hash=nt, lm_hash=lm,
@@ -100,7 +114,8 @@ class ClientLogins:
         if pinned != creds:
             log.info("[ntlm] client %s authenticates as %s",
                      client.peername[0] if client.peername else "?", creds.principal)
-        self.policy.identities[client_id] = creds
+        # The same object again when nothing changed: the bounded map need not measure it.
+        self.policy.identities[client_id] = pinned if pinned == creds else creds
         return None
 
     def forget(self, client_id: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions
@@ -18,13 +17,13 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.utils import human
 
 from . import engine as eng
-from . import mitmproxy_internals
+from . import mitmproxy_internals, options
 from .credentials import (
     CredentialError,
     Credentials,
     SecretSources,
     build_credentials,
-    read_secret_file,
+    read_secret_text,
 )
 from .handshake import Dialect
 from .policy import LockoutGuard, UpstreamPolicy
@@ -37,11 +36,10 @@ ORIGIN_OPTIONS = {"ntlm_origin_hosts", "ntlm_origin_credentials", "ntlm_dialect"
 
 def read_credentials_file(path: str, workstation: str) -> Credentials:
     """A 0600 file: `DOMAIN\\user` on the first line, the password on the second."""
-    first = read_secret_file(path)
-    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    if len(lines) < 2 or not lines[1]:
+    lines = read_secret_text(path, "file").splitlines()
+    if len(lines) < 2 or not lines[0] or not lines[1]:
         raise CredentialError(f"{path}: expected DOMAIN\\user on line 1, the password on line 2")
-    return build_credentials(first, "", workstation, SecretSources(password=lines[1]))
+    return build_credentials(lines[0], "", workstation, SecretSources(password=lines[1]))
 
 
 class OriginAuth:
@@ -53,22 +51,15 @@ class OriginAuth:
         self.fallback_policy: UpstreamPolicy | None = None
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("ntlm_origin_hosts", str, "",
-                          "Servers to log on to automatically when they answer 401 NTLM or "
-                          "Negotiate, comma-separated host patterns (e.g. 'sharepoint.corp."
-                          "example, *.intranet.corp.example'). Never offered to other hosts.")
-        loader.add_option("ntlm_origin_credentials", str, "",
-                          "Own credentials per host pattern: 'pattern=FILE, ...', each FILE "
-                          "(mode 0600) holding DOMAIN\\\\user and the password on two lines. "
-                          "Default: the upstream credentials.")
+        options.declare(loader, options.ORIGIN)
 
     def configure(self, updated: set[str]) -> None:
         if not updated & ORIGIN_OPTIONS:
             return
         opts = ctx.options
-        self.hosts = [h.strip().lower() for h in opts.ntlm_origin_hosts.split(",") if h.strip()]
+        self.hosts = [h.lower() for h in options.items(opts.ntlm_origin_hosts)]
         self.own_credentials = []
-        for item in filter(None, (x.strip() for x in opts.ntlm_origin_credentials.split(","))):
+        for item in options.items(opts.ntlm_origin_credentials):
             pattern, sep, path = item.partition("=")
             if not sep:
                 raise exceptions.OptionsError(

@@ -10,14 +10,17 @@ from __future__ import annotations
 import logging
 import urllib.request
 from collections import OrderedDict
-from pathlib import Path
 
 import pacparser
 
 from .bounded import bounded_set
 from .parents import ServerSpec
+from .userfile import FileRefused, read_regular_file
 
 log = logging.getLogger("mitmproxy_ntlm")
+
+
+PAC_MAX_BYTES = 8 * 1024 * 1024
 
 
 class PacError(ValueError):
@@ -34,9 +37,10 @@ def load_pac(location: str) -> str:
         except OSError as e:
             raise PacError(f"ntlm_pac: cannot fetch {location}: {e}") from None
     try:
-        return Path(location).expanduser().read_text(encoding="utf-8")
-    except OSError as e:
-        raise PacError(f"ntlm_pac: cannot read {location}: {e.strerror}") from None
+        data = read_regular_file(location, "ntlm_pac", limit=PAC_MAX_BYTES)
+    except FileRefused as e:
+        raise PacError(str(e)) from None
+    return data.decode("utf-8", "replace")
 
 
 def parse_result(result: str) -> list[ServerSpec | None]:

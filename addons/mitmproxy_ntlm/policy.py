@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bounded import bounded_set
-from .credentials import Credentials
+from .bounded import BoundedMap
+from .credentials import Credentials, account_of
 from .handshake import Dialect
 from .schemes import Choice, SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
@@ -22,52 +21,130 @@ from .trace import HandshakeTrace
 log = logging.getLogger("mitmproxy_ntlm")
 
 
+@dataclass(eq=False)
+class Attempt:
+    """A logon with credentials the parent has not accepted yet, reserved before its handshake
+    starts; released when it ends, or on its own at `expires` should its connection vanish
+    without an outcome."""
+
+    account: str
+    expires: float
+
+
+class AttemptsBusy(Exception):
+    """Failures plus logons in flight reach the limit for this account: wait, or refuse."""
+
+
 class LockoutGuard:
-    """Stops offering a principal's credentials after `limit` consecutive rejections.
+    """Stops offering an account's credentials after `limit` consecutive rejections, and lets
+    at most `limit` minus the failures so far go to the parent at a time.
 
     Every rejected Type 3 is a failed logon at the domain controller; a few in a row lock the
-    account. With `cooldown` None the block lasts until `reset()` (an options change).
+    account, however many clients send them at once. Counts are per account
+    (`credentials.account_of`: user name, any domain or case). With `cooldown` None the block
+    lasts until `reset()` (an options change); with a cooldown, blocks and failure counts
+    expire that long after the last failure. Accounts are kept in bounded maps, so clients
+    sending endless bogus names cannot grow memory (the oldest counts are forgotten first).
     """
 
-    def __init__(self, limit: int, cooldown: float | None = None) -> None:
+    def __init__(self, limit: int, cooldown: float | None = None, max_accounts: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.cooldown = cooldown
-        self._failures: dict[str, int] = {}
-        self._blocked_at: dict[str, float] = {}
-        self.on_block: Callable[[], None] | None = None  # called when a principal gets blocked
+        self.attempt_timeout = 120.0  # the policy sets it from the handshake timeout
+        self._clock = clock
+        ttl = cooldown
+        self._failures: BoundedMap[str, int] = BoundedMap(max_accounts, 4 << 20, ttl, clock)
+        self._blocked_at: BoundedMap[str, float] = BoundedMap(max_accounts, 4 << 20, ttl, clock)
+        # Attempts in flight: bounded by the connections open at a time (one per connection).
+        self._attempts: dict[str, list[Attempt]] = {}
+        self.on_block: Callable[[], None] | None = None  # called when an account gets blocked
 
     def failures(self, principal: str) -> int:
-        return self._failures.get(principal, 0)
+        return self._failures.get(account_of(principal), 0)  # type: ignore[no-any-return]
 
     def blocked(self, principal: str) -> bool:
-        if self.limit <= 0 or principal not in self._blocked_at:
+        if self.limit <= 0:
             return False
-        age = time.monotonic() - self._blocked_at[principal]
-        if self.cooldown is not None and age > self.cooldown:
-            del self._blocked_at[principal]
-            self._failures[principal] = 0
+        account = account_of(principal)
+        blocked_at = self._blocked_at.get(account)
+        if blocked_at is None:
+            return False
+        if self.cooldown is not None and self._clock() - blocked_at > self.cooldown:
+            self._blocked_at.pop(account)
+            self._failures.pop(account)
             return False
         return True
 
     def rejected(self, principal: str) -> int:
-        count = self._failures.get(principal, 0) + 1
-        self._failures[principal] = count
-        if self.limit > 0 and count >= self.limit and principal not in self._blocked_at:
-            self._blocked_at[principal] = time.monotonic()
+        account = account_of(principal)
+        count = self._failures.get(account, 0) + 1
+        self._failures[account] = count
+        if self.limit > 0 and count >= self.limit and account not in self._blocked_at:
+            self._blocked_at[account] = self._clock()
             if self.on_block is not None:
                 self.on_block()
-        return count
+        return count  # type: ignore[no-any-return]
 
     def accepted(self, principal: str) -> None:
-        self._failures.pop(principal, None)
-        self._blocked_at.pop(principal, None)
+        account = account_of(principal)
+        self._failures.pop(account)
+        self._blocked_at.pop(account)
 
     def any_blocked(self) -> bool:
         return bool(self._blocked_at)
 
+    def in_flight(self, principal: str) -> int:
+        """Attempts reserved for this account and not ended (nor expired)."""
+        return len(self._live_attempts(account_of(principal)))
+
+    def _live_attempts(self, account: str) -> list[Attempt]:
+        attempts = self._attempts.get(account)
+        if not attempts:
+            return []
+        now = self._clock()
+        live = [a for a in attempts if a.expires > now]
+        if len(live) != len(attempts):
+            if live:
+                self._attempts[account] = live
+            else:
+                del self._attempts[account]
+        return live
+
+    def try_reserve(self, principal: str) -> Attempt | None:
+        """A slot for one logon with untried credentials; None when the failures so far plus
+        the attempts in flight reach the limit (without a limit: always a slot)."""
+        account = account_of(principal)
+        attempt = Attempt(account, self._clock() + self.attempt_timeout)
+        if self.limit <= 0:
+            return attempt
+        live = self._live_attempts(account)
+        if self._failures.get(account, 0) + len(live) >= self.limit:
+            return None
+        if len(self._attempts) > 10_000:  # attempts whose connection vanished: drop them
+            for name in list(self._attempts):
+                self._live_attempts(name)
+        self._attempts.setdefault(account, []).append(attempt)
+        return attempt
+
+    def release(self, attempt: Attempt) -> None:
+        attempts = self._attempts.get(attempt.account)
+        if attempts and attempt in attempts:
+            attempts.remove(attempt)
+            if not attempts:
+                del self._attempts[attempt.account]
+
     def reset(self) -> None:
         self._failures.clear()
         self._blocked_at.clear()
+
+
+def _trace_size(key: str, trace: HandshakeTrace) -> int:
+    """A cheap estimate of a trace's memory (a failed NTLM logon's is about 11 KB): its heads
+    and names, and the decoded messages of its stages."""
+    heads = sum(len(exchange) for exchange in trace.exchanges)  # heads and kept 407 bodies
+    return 1000 + len(key) + len(trace.kind) + len(trace.principal) + heads + \
+        1500 * len(trace.stages)
 
 
 class AuthUnavailable(Exception):
@@ -80,7 +157,8 @@ class UpstreamPolicy:
 
     Single-user: `creds` are offered for every client. Multi-user: each client connection
     has its own identity (from its Basic credentials, see `multiuser.py`), and the lockout
-    guard counts per user.
+    guard counts per account. Every map here is bounded in entries and bytes (`BoundedMap`):
+    clients choose the user names and connections they are keyed by.
     """
 
     creds: Credentials | None
@@ -90,41 +168,75 @@ class UpstreamPolicy:
     handshake_timeout: float = 30.0
     multiuser: bool = False
     realm: str = "mitmproxy-ntlm"
-    traces: OrderedDict[str, HandshakeTrace] = field(default_factory=OrderedDict)
-    max_traces: int = 10_000
-    # Multi-user: the identity each client connection authenticated with.
-    identities: dict[str, Credentials] = field(default_factory=dict)
+    # Recent handshakes by mitmproxy connection id, for the flows that use the connection.
+    traces: BoundedMap[str, HandshakeTrace] = field(
+        default_factory=lambda: BoundedMap(10_000, 12 << 20, size=_trace_size))
+    # Multi-user: the identity each client connection authenticated with (dropped when the
+    # client disconnects, so no idle expiry: a quiet CONNECT tunnel keeps its user).
+    identities: BoundedMap[str, Credentials] = field(
+        default_factory=lambda: BoundedMap(20_000, 8 << 20))
     # Rejections already paid for: mitmproxy may open a second parent connection for the same
     # client request (eager TLS), and clients retry; neither may log on again with the same
-    # secret. Keyed by client connection (single user) or by (user, NT hash) (multi-user).
-    rejected: OrderedDict[Any, tuple[float, str]] = field(default_factory=OrderedDict)
+    # secret. Keyed by client connection (single user) or by (account, NT hash) (multi-user,
+    # forgotten after rejected_ttl).
+    rejected: BoundedMap[Any, str] = field(init=False)
     rejected_ttl: float = 300.0
+    # (account, NT hash) pairs the parent accepted: they need no attempt slot (see attempt()).
+    verified: BoundedMap[tuple[str, bytes], bool] = field(
+        default_factory=lambda: BoundedMap(10_000, 2 << 20, ttl=3600.0))
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
     # Kerberos or NTLM per peer; the default speaks NTLM only (no ticket source).
     chooser: SchemeChooser | None = None
+    # What ends a lockout-guard stop in the running tool (the addon knows which one it is).
+    recovery: str = "change an ntlm_* option, run ntlm.reset or restart mitmproxy"
 
     def __post_init__(self) -> None:
         if self.chooser is None:
             self.chooser = SchemeChooser(SchemeMode.NTLM, self.dialect, None)
+        self.rejected = BoundedMap(10_000, 4 << 20,
+                                   ttl=self.rejected_ttl if self.multiuser else None)
+        # A handshake is two legs, each within the timeout, and may reconnect once.
+        self.guard.attempt_timeout = 4 * self.handshake_timeout
 
     @property
     def enabled(self) -> bool:
         return self.creds is not None or self.multiuser
 
     def _rejection_key(self, creds: Credentials, client_id: str | None) -> Any:
-        return (creds.principal.lower(), creds.nt_hash) if self.multiuser else client_id
+        return self._secret_key(creds) if self.multiuser else client_id
+
+    @staticmethod
+    def _secret_key(creds: Credentials) -> tuple[str, bytes]:
+        return account_of(creds.principal), creds.nt_hash
 
     def known_rejection(self, creds: Credentials, client_id: str | None) -> str | None:
         """The explanation of an earlier rejection of these credentials, if still current."""
-        key = self._rejection_key(creds, client_id)
-        entry = self.rejected.get(key)
-        if entry is None:
+        return self.rejected.get(self._rejection_key(creds, client_id))  # type: ignore[no-any-return]
+
+    def attempt(self, creds: Credentials) -> Attempt | None:
+        """Reserve a logon before a handshake with `creds` starts; end it with attempt_ended.
+
+        None: no reservation needed, the parent accepted these very credentials before.
+        AttemptsBusy: the failures so far plus the logons in flight for the account reach
+        ntlm_max_failures, so racing clients cannot send more wrong passwords than that.
+        """
+        if self._secret_key(creds) in self.verified:
             return None
-        if self.multiuser and time.monotonic() - entry[0] > self.rejected_ttl:
-            del self.rejected[key]
-            return None
-        return entry[1]
+        attempt = self.guard.try_reserve(creds.principal)
+        if attempt is None:
+            raise AttemptsBusy(
+                f"mitmproxy-ntlm sends at most {self.guard.limit} logons at a time for "
+                f"{creds.principal} (ntlm_max_failures) until the parent accepts one, and "
+                f"{self.guard.failures(creds.principal)} rejections plus "
+                f"{self.guard.in_flight(creds.principal)} logons in progress for this account "
+                f"use them all."
+            )
+        return attempt
+
+    def attempt_ended(self, attempt: Attempt | None) -> None:
+        if attempt is not None:
+            self.guard.release(attempt)
 
     def may_refuse(self) -> bool:
         """False when `credentials()` cannot refuse any client now: one identity, no rejection
@@ -156,8 +268,8 @@ class UpstreamPolicy:
             raise AuthUnavailable(
                 f"mitmproxy-ntlm stopped sending the credentials for {principal} after "
                 f"{self.guard.failures(principal)} consecutive rejections by the parent proxy, "
-                f"so the account does not get locked. Fix the credentials: any change to an "
-                f"ntlm_* option (or the command ntlm.reset) enables them again."
+                f"so the account does not get locked. Fix the credentials, then "
+                f"{self.recovery}."
             )
         return creds
 
@@ -178,10 +290,11 @@ class UpstreamPolicy:
 
     def record(self, conn_id: str, trace: HandshakeTrace) -> None:
         """Remember the trace of the connection for the flows that use it."""
-        bounded_set(self.traces, conn_id, trace, self.max_traces)
+        self.traces[conn_id] = trace
 
     def accepted(self, creds: Credentials) -> None:
         self.guard.accepted(creds.principal)
+        self.verified[self._secret_key(creds)] = True
 
     def rejected_by_parent(self, creds: Credentials, parent: str,
                            client_id: str | None = None, what: str = "") -> str:
@@ -190,6 +303,7 @@ class UpstreamPolicy:
         `what` replaces the first sentence (the KDC, not the parent, refused a Kerberos logon).
         """
         count = self.guard.rejected(creds.principal)
+        self.verified.pop(self._secret_key(creds))
         limit = self.guard.limit
         which = ("the user name and password" if self.multiuser
                  else "ntlm_username, ntlm_domain and the password or hash")
@@ -203,12 +317,12 @@ class UpstreamPolicy:
             if count >= limit and not self.multiuser:
                 text += (
                     " mitmproxy-ntlm now stops sending these credentials so the account does not"
-                    " get locked; change an ntlm_* option (or run ntlm.reset) to try again."
+                    f" get locked; to try again: {self.recovery}."
                 )
             if count >= limit:
                 log.error("[ntlm] credentials for %s disabled after %d consecutive rejections",
                           creds.principal, count)
         key = self._rejection_key(creds, client_id)
         if key is not None:
-            bounded_set(self.rejected, key, (time.monotonic(), text), self.max_traces)
+            self.rejected[key] = text
         return text

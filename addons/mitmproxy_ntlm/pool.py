@@ -22,7 +22,11 @@ Rules kept here:
 - a connection whose client went away in the middle of a response is read to the end of that
   response (`salvage`: at most `salvage_bytes` within `salvage_seconds`, else closed) and
   kept, as Px keeps its connections when a client gives up: a browser that cancels requests
-  would otherwise cost a logon per cancel.
+  would otherwise cost a logon per cancel;
+- a parent that sent bytes outside any response (`misbehaved`) no longer has its connections
+  shared: HTTP/1.1 cannot tell such bytes from the answer to the next request once that is
+  sent, so they could reach another client. Each client connection then keeps its own parent
+  connection, as with the pool off.
 """
 
 from __future__ import annotations
@@ -68,7 +72,11 @@ class PooledConnection:
         without a pending read, so an EOF or a stray byte shows in the reader's state."""
         if self.writer.is_closing() or self.reader.at_eof() or self.reader.exception():
             return False
-        return not getattr(self.reader, "_buffer", b"")  # bytes on an idle connection: unusable
+        return not self.stray()
+
+    def stray(self) -> bool:
+        """Bytes arrived while nobody waited for any: the parent misbehaves."""
+        return bool(getattr(self.reader, "_buffer", b""))
 
 
 @dataclass
@@ -120,8 +128,10 @@ class ParentPool:
         self._idle: dict[PoolKey, list[PooledConnection]] = {}
         self._order: OrderedDict[PooledConnection, None] = OrderedDict()  # oldest first
         self._live: dict[PoolKey, set[asyncio.StreamWriter | Reservation]] = {}
+        self._live_sweep_at = 1000  # keys in _live at which closed connections are dropped
         self._waiters: dict[PoolKey, deque[Waiter]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._misbehaved: dict[tuple[str, tuple[str, int]], str] = {}  # parent -> what it sent
 
     def __len__(self) -> int:
         return len(self._order)
@@ -131,6 +141,15 @@ class ParentPool:
     def track(self, key: PoolKey, writer: asyncio.StreamWriter) -> None:
         """Count a parent connection of `key` (busy or idle) until its writer closes."""
         self._live.setdefault(key, set()).add(writer)
+        if len(self._live) > self._live_sweep_at:
+            self._sweep_live()
+
+    def _sweep_live(self) -> None:
+        """Forget closed connections of every key: keys are users, and clients can send
+        endless user names, so the counts must shrink with the connections open."""
+        for key in list(self._live):
+            self.live(key)
+        self._live_sweep_at = max(1000, 2 * len(self._live))
 
     def untrack(self, key: PoolKey, writer: asyncio.StreamWriter) -> None:
         """Stop counting a connection that left the shared use (it now carries a tunnel)."""
@@ -157,12 +176,30 @@ class ParentPool:
 
     def full(self, key: PoolKey) -> bool:
         """Every connection `key` may have is open (and none idle: callers `take` first)."""
-        return self.per_key > 0 and self.live(key) >= self.per_key
+        return self.per_key > 0 and self.shares(key) and self.live(key) >= self.per_key
 
     def worth_waiting(self, key: PoolKey) -> bool:
         """No idle connection of `key`, but one is busy (or connecting): with `grace`, wait
         that long for it before opening another (callers `take` and check `full` first)."""
-        return self.grace > 0 and self.live(key) > 0
+        return self.grace > 0 and self.shares(key) and self.live(key) > 0
+
+    # ------------------------------------------------------------ misbehaving parents
+
+    def shares(self, key: PoolKey) -> bool:
+        """Connections of this parent may serve more than one client connection."""
+        return not self._misbehaved or (key.scheme, key.address) not in self._misbehaved
+
+    def misbehaved(self, key: PoolKey, what: str) -> None:
+        """The parent of `key` sent `what` outside any response: stop sharing its connections
+        (the idle ones are closed) for the rest of this run."""
+        parent = (key.scheme, key.address)
+        if parent in self._misbehaved:
+            return
+        self._misbehaved[parent] = what
+        log.warning("[ntlm] the parent proxy %s:%d sent %s: its connections are no longer "
+                    "shared between client connections", key.address[0], key.address[1], what)
+        for entry in [e for e in self._order if (e.key.scheme, e.key.address) == parent]:
+            self._drop(entry, "its parent sent bytes outside a response")
 
     def wait(self, key: PoolKey, grace: bool = False) -> Waiter:
         """A future for the next connection of `key` that comes free (None: one closed, so a
@@ -227,7 +264,9 @@ class ParentPool:
     def put(self, entry: PooledConnection) -> bool:
         """Keep an idle connection, or hand it to a waiter; False (and the caller closes it)
         when it cannot be kept."""
-        if not entry.alive():
+        if not entry.alive() or not self.shares(entry.key):
+            if entry.stray():
+                self.misbehaved(entry.key, "bytes after a response, before it was returned")
             return False
         waiter = self._next_waiter(entry.key)
         if waiter is not None:
@@ -264,8 +303,12 @@ class ParentPool:
             if not stack:
                 del self._idle[key]
             if not entry.alive():
-                self._close(entry, "closed by the parent while idle")
+                stray = entry.stray()
+                self._close(entry, "unexpected data from the parent" if stray
+                            else "closed by the parent while idle")
                 self.stats.dead += 1
+                if stray:
+                    self.misbehaved(key, "bytes on an idle connection")
                 continue
             self.stats.reused += 1
             entry.uses += 1
@@ -347,12 +390,15 @@ class ParentPool:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for entry in list(self._order):
+                if entry not in self._order:  # closed meanwhile (its parent misbehaved)
+                    continue
                 if not entry.alive():
-                    reader = entry.reader
-                    data = bool(getattr(reader, "_buffer", b"")) and not reader.at_eof()
+                    stray = entry.stray()
                     self.stats.dead += 1
-                    self._drop(entry, "unexpected data from the parent" if data
+                    self._drop(entry, "unexpected data from the parent" if stray
                                else "closed by the parent")
+                    if stray:
+                        self.misbehaved(entry.key, "bytes on an idle connection")
                 elif now - entry.idle_since >= self.idle_timeout:
                     self.stats.expired += 1
                     self._drop(entry, f"idle for {self.idle_timeout:g} s")

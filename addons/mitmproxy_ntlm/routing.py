@@ -22,7 +22,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, Socks5Mode, UpstreamMode
 
-from . import mitmproxy_internals
+from . import mitmproxy_internals, options
 from .pac import PacError, PacResolver, load_pac
 from .parents import NoProxy, ParentList, ServerSpec, parse_parents
 
@@ -43,30 +43,15 @@ class ParentRouter:
         self._going_direct = False
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("ntlm_parent", str, "",
-                          "Parent proxies, comma-separated, tried in order until one answers "
-                          "(CNTLM's Proxy lines): they route regular and socks5 mode, and are "
-                          "the failover parents behind --mode upstream:URL.")
-        loader.add_option("ntlm_noproxy", str, "",
-                          "Hosts that go direct in regular/socks5 mode, comma-separated: "
-                          "wildcards and CIDR ranges, e.g. 'localhost, 127.0.0.*, 10.0.0.0/8, "
-                          "*.corp.example'.")
-        loader.add_option("ntlm_pac", str, "",
-                          "PAC file (path or URL) whose FindProxyForURL picks the parent per "
-                          "request in regular/socks5 mode (PROXY a; PROXY b; DIRECT).")
-        loader.add_option("ntlm_roaming", bool, False,
-                          "When no parent answers (laptop at home, VPN off), go direct; go "
-                          "through the parents again as soon as one answers.")
-        loader.add_option("ntlm_parent_retry", int, 30,
-                          "Seconds an unreachable parent is skipped before it is tried again.")
+        options.declare(loader, options.ROUTING)
 
     def configure(self, updated: set[str]) -> None:
         if not updated & ROUTING_OPTIONS:
             return
         opts = ctx.options
         try:
-            specs = parse_parents(opts.ntlm_parent)
-            self.noproxy = NoProxy(opts.ntlm_noproxy)
+            specs = parse_parents(", ".join(options.items(opts.ntlm_parent)))
+            self.noproxy = NoProxy(", ".join(options.items(opts.ntlm_noproxy)))
         except ValueError as e:
             raise exceptions.OptionsError(f"mitmproxy-ntlm: {e}") from None
         upstream = [m for m in (ProxyMode.parse(s) for s in opts.mode)

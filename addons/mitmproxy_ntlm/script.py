@@ -6,7 +6,8 @@ is a per-request cost that bench/instructions.py counts, so it is kept short:
 - the four addons sit behind one `AddonGroup`, whose hooks and commands are written into the
   script module itself, with an empty `addons`: the walk stops at the module;
 - the module answers every hook name (None for hooks nobody has): a name a module lacks costs
-  CPython three formatted AttributeErrors per lookup;
+  CPython three formatted AttributeErrors per lookup; except the deprecated `add_log`, whose
+  mere presence makes mitmproxy print a deprecation warning at every start;
 - a hook a part does not need under the current options (`idle_hooks`, asked after every
   `configure`) is not offered at all, since each hook call costs mitmproxy more than most
   of our hooks do.
@@ -23,12 +24,18 @@ import mitmproxy.addonmanager
 import mitmproxy.log
 import mitmproxy.proxy.layers
 import mitmproxy.proxy.server_hooks  # noqa: F401
-from mitmproxy import hooks
+from mitmproxy import ctx, exceptions, hooks
 
+from mitmproxy_ntlm import options
 from mitmproxy_ntlm.access import ClientAccess
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
+from mitmproxy_ntlm.contentview import TokenViewAddon
 from mitmproxy_ntlm.origin import OriginAuth
+from mitmproxy_ntlm.os_trust import OsTrustStore
 from mitmproxy_ntlm.routing import ParentRouter
+
+DEPRECATED_HOOKS = frozenset({"add_log"})
+"""Hook names mitmproxy warns about when an addon merely has the attribute."""
 
 
 class AddonGroup:
@@ -45,6 +52,8 @@ class AddonGroup:
         self.parts = parts
         # Where hooks and commands go besides the group itself (a script module's globals).
         self._namespace = namespace
+        self._startup_problems: list[str] = []
+        self._own_hooks: dict[str, Callable[..., Any]] = {"load": self._after_load}
         if namespace is not None:
             namespace["configure"] = self.configure
             namespace["addons"] = []  # nothing below the module for mitmproxy to walk
@@ -65,10 +74,11 @@ class AddonGroup:
     def _bind(self, configured: bool) -> None:
         idle = [_idle_hooks(part) if configured else frozenset() for part in self.parts]
         for name in hooks.all_hooks:
-            if name == "configure":
+            if name == "configure" or name in DEPRECATED_HOOKS:
                 continue
             handlers = [h for part, off in zip(self.parts, idle, strict=True)
                         if name not in off and callable(h := getattr(part, name, None))]
+            handlers += [h for h in (self._own_hooks.get(name),) if h is not None]
             # None: mitmproxy skips the hook without calling anything.
             self._publish(name, _in_order(handlers) if handlers else None)
 
@@ -78,12 +88,40 @@ class AddonGroup:
 
     def configure(self, updated: set[str]) -> None:
         try:
+            problems = self._startup_problems + options.problems(ctx.options, updated)
+            self._startup_problems = []
+            if problems:
+                raise exceptions.OptionsError("\n".join(problems))
             for part in self.parts:
                 configure = getattr(part, "configure", None)
                 if callable(configure):
                     configure(updated)
+        except exceptions.OptionsError as e:
+            if set(updated) >= ctx.options.keys() and not _proxy_running():
+                # The script loader's first configure: mitmproxy would log this with a
+                # traceback and still bring up its listeners; end start-up here instead.
+                raise SystemExit(startup_failure(str(e))) from None
+            raise
         finally:  # also after an OptionsError: mitmproxy then configures the old values again
             self._bind(configured=True)
+
+    def _after_load(self, loader: Any) -> None:
+        """Values mitmproxy kept for our options until they were declared, checked now."""
+        self._startup_problems += options.take_deferred(ctx.options)
+
+
+def startup_failure(message: str) -> str:
+    """One line per problem, each saying it is mitmproxy-ntlm's, then that nothing started."""
+    lines = [line if line.startswith("mitmproxy-ntlm") else f"mitmproxy-ntlm: {line}"
+             for line in message.splitlines() if line.strip()]
+    return "\n".join([*lines, "mitmproxy-ntlm: not started"])
+
+
+def _proxy_running() -> bool:
+    """Whether mitmproxy is past start-up (a script reloaded at runtime must not exit it).
+    Without a script loader (tests that build the addons themselves): as if running."""
+    loader = ctx.master.addons.get("scriptloader")
+    return bool(getattr(loader, "is_running", True))
 
 
 def _idle_hooks(part: object) -> frozenset[str]:
@@ -112,7 +150,7 @@ def new_group(namespace: dict[str, Any] | None = None) -> AddonGroup:
     # Order matters: access control first; then the router decides which flows go to a
     # parent; then the auth addon acts on them.
     return AddonGroup(ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth(),
-                      namespace=namespace)
+                      OsTrustStore(), TokenViewAddon(), namespace=namespace)
 
 
 def serve_from(namespace: dict[str, Any]) -> None:

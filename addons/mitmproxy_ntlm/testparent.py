@@ -65,8 +65,14 @@ FAULTS: frozenset[str] = frozenset(
         "bogus_type2",
         "switch_to_basic",
         "switch_to_negotiate",
+        # bytes outside a framed response, `stray_delay` after each forwarded response (the
+        # next request may be on its way by then): a second, unsolicited response naming the
+        # request it followed, or the tail of a body longer than its Content-Length
+        "stray_response",
+        "overlong_body",
     }
 )
+_STRAY_FAULTS = frozenset({"stray_response", "overlong_body"})
 
 _NTLM_SIGNATURE = b"NTLMSSP\x00"
 _CHALLENGE_FAULTS = frozenset({"close_mid_body", "close_after_type2", "truncated_header",
@@ -332,6 +338,7 @@ class ParentProxy:
         port: int = 0,
         demo_host: str | None = "ntlm-demo.invalid",
         idle_timeout: float | None = None,
+        scheme: str = "NTLM",
     ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
@@ -350,8 +357,12 @@ class ParentProxy:
         # Close a keep-alive connection that waits longer than this for its next request
         # (Squid's client_idle_pconn_timeout), as real parents do with idle pooled connections.
         self.idle_timeout = idle_timeout
+        # The one scheme word offered and accepted: "Negotiate" is a Negotiate-only parent
+        # that takes raw NTLMSSP in it (Squid's negotiate_wrapper, IIS).
+        self.scheme = scheme
         self._waiting: set[asyncio.StreamWriter] = set()  # connections between requests
         self.idle_closed = 0
+        self.stray_delay = 0.1  # faults stray_response / overlong_body: seconds after a response
 
         self._lock = threading.Lock()
         self._conn_ids = itertools.count(1)
@@ -360,6 +371,9 @@ class ParentProxy:
         self._type3_count = 0
         # Every Type 3 received, base64 as on the wire: tests search logs and flows for them.
         self.type3_tokens: list[str] = []
+        # Every Proxy-Authorization that is not an NTLM/Negotiate token (e.g. a client's Basic
+        # header that mitmproxy should have dropped), authenticated connection or not.
+        self.other_proxy_credentials: list[str] = []
         self._accepted_count = 0
         self._rejected_count = 0
         self._basic_count = 0
@@ -617,6 +631,7 @@ class ParentProxy:
                 if self.fault == "drop_reused" and st.forwarded_total:
                     logger.debug("conn %d: fault drop_reused: closing unanswered", conn_id)
                     break
+                forwarded = st.forwarded_total
                 try:
                     keep = await self._handle_request(st, head, reader, writer)
                 except _BadRequest as e:
@@ -626,6 +641,8 @@ class ParentProxy:
                     break
                 if not keep:
                     break
+                if self.fault in _STRAY_FAULTS and st.forwarded_total > forwarded:
+                    await self._send_stray(writer, head)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             logger.debug("conn %d: connection ended: %r", conn_id, e)
         except asyncio.CancelledError:
@@ -655,6 +672,10 @@ class ParentProxy:
         else:
             keep = "close" not in conn_tokens
         logger.debug("conn %d: %s %s %s", st.conn_id, method, target, version)
+        for value in head.get_all("Proxy-Authorization"):
+            if value.split(" ")[0].lower() not in ("ntlm", "negotiate"):
+                with self._lock:
+                    self.other_proxy_credentials.append(value)
 
         if method != "CONNECT" and not target.lower().startswith("http://"):
             await self._expect_continue(head, framing, writer)
@@ -699,6 +720,8 @@ class ParentProxy:
         auth = head.get("Proxy-Authorization") or ""
         scheme, _, token = auth.strip().partition(" ")
         scheme, token = scheme.lower(), token.strip()
+        if self.scheme != "NTLM" and scheme in ("ntlm", self.scheme.lower()):
+            scheme = "ntlm" if scheme == self.scheme.lower() else "not offered"
         raw = b""
         if scheme == "ntlm" and token:
             try:
@@ -798,7 +821,8 @@ class ParentProxy:
         if self.fault == "http10_407":
             version, close = "HTTP/1.0", True
         keep = keep and not close
-        headers = [("Proxy-Authenticate", c) for c in challenges]
+        headers = [("Proxy-Authenticate", self.scheme + c[4:] if c.startswith("NTLM") else c)
+                   for c in challenges]
         body = "Proxy authentication required.\n"
         await self._send_simple(
             writer,
@@ -848,6 +872,20 @@ class ParentProxy:
         writer.write(response)
         await writer.drain()
         return True
+
+    async def _send_stray(self, writer: asyncio.StreamWriter, head: _Head) -> None:
+        """Faults stray_response / overlong_body: bytes that belong to no request, quoting the
+        request they followed (a test looks for them at the next client)."""
+        await asyncio.sleep(self.stray_delay)
+        what = f"{head.parts[0]} {head.parts[1]}".encode("latin-1")
+        if self.fault == "stray_response":
+            body = b"stray response after " + what + b"\n"
+            stray = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                     b"Connection: keep-alive\r\n\r\n%b" % (len(body), body))
+        else:
+            stray = b"tail of the body of " + what + b"\r\n"
+        writer.write(stray)
+        await writer.drain()
 
     async def _expect_continue(
         self, head: _Head, framing: _Framing, writer: asyncio.StreamWriter

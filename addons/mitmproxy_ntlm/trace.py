@@ -16,6 +16,26 @@ from . import messages
 
 log = logging.getLogger("mitmproxy_ntlm")
 
+# How much of a hidden response's body (a parent's 407 page) is kept to show on its leg flow.
+BODY_LIMIT = 4096
+
+
+@dataclass
+class Exchange:
+    """One hidden request/response of the handshake, as a leg flow shows it: the heads (a
+    Type 3 or Kerberos token already replaced by a summary), the start of the response body
+    as received (still chunked if it was), and wall-clock times."""
+
+    request: bytes
+    sent_at: float = field(default_factory=time.time)
+    response: bytes | None = None
+    answered_at: float | None = None  # the response head arrived
+    body: bytearray = field(default_factory=bytearray)
+    ended_at: float | None = None  # the response body was read to its end
+
+    def __len__(self) -> int:
+        return len(self.request) + len(self.response or b"") + len(self.body)
+
 
 @dataclass
 class HandshakeTrace:
@@ -33,13 +53,15 @@ class HandshakeTrace:
     started: float = field(default_factory=time.monotonic)
     _last: float = field(default_factory=time.monotonic)
     stages: list[dict[str, Any]] = field(default_factory=list)
-    # The hidden exchanges, for showing them as flows: (request head, response head or None).
-    # Type 3 values are replaced by a summary before they get here.
-    exchanges: list[list[bytes | None]] = field(default_factory=list)
+    # The hidden exchanges, for showing them as flows (Type 3 values are replaced by a summary
+    # before they get here).
+    exchanges: list[Exchange] = field(default_factory=list)
     emitted: bool = False
     key: str = ""  # id of the mitmproxy connection the flows use (flow.server_conn.id)
     authenticated_at: float | None = None  # wall clock; set for a reused pooled connection
     total_ms: float | None = None  # the exchange's duration, fixed when it ends
+    error_status: int = 0  # a failure's status for the client (502, 504), set when it fails
+    shown_on: str = ""  # id of the first listed flow that shows this handshake (its mark)
     # comment and metadata for the flows, made once per result (every request shows them)
     _summary: tuple[str, str, dict[str, Any]] | None = field(default=None, repr=False,
                                                               compare=False)
@@ -64,11 +86,24 @@ class HandshakeTrace:
         )
 
     def sent(self, request_head: bytes) -> None:
-        self.exchanges.append([request_head, None])
+        self.exchanges.append(Exchange(request_head))
 
     def received(self, response_head: bytes) -> None:
-        if self.exchanges and self.exchanges[-1][1] is None:
-            self.exchanges[-1][1] = response_head
+        if self.exchanges and self.exchanges[-1].response is None:
+            exchange = self.exchanges[-1]
+            exchange.response = response_head
+            exchange.answered_at = exchange.ended_at = time.time()
+
+    def received_body(self, data: bytes | bytearray, done: bool = True) -> None:
+        """Body bytes of the last hidden response (kept up to BODY_LIMIT); `done`: its end."""
+        if not self.exchanges or self.exchanges[-1].response is None:
+            return
+        exchange = self.exchanges[-1]
+        room = BODY_LIMIT - len(exchange.body)
+        if room > 0:
+            exchange.body += data[:room]
+        if done:
+            exchange.ended_at = time.time()
 
     def chose(self, mechanism: str, scheme: str, why: str) -> None:
         self.scheme = scheme

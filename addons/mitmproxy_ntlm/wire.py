@@ -17,7 +17,8 @@ MAX_HEAD = 64 * 1024
 
 
 class WireError(ValueError):
-    """Input that is not the HTTP/1 we expected; the message is safe to show to a user."""
+    """Input that is not the HTTP/1 we expected; the message is safe to show to a user: it
+    names the problem, never quotes the bytes (they may belong to another request)."""
 
 
 class Head:
@@ -82,7 +83,7 @@ class Head:
             try:
                 self._status = int(self.first[1])
             except ValueError:
-                raise WireError(f"bad status code {self.first[1][:20]!r}") from None
+                raise WireError("bad status code") from None
         return self._status
 
     @property
@@ -137,23 +138,23 @@ def parse_head(raw: bytes) -> Head:
     if len(first) == 2:
         first.append("")
     if len(first) != 3 or not first[0]:
-        raise WireError(f"bad first line {line[:60]!r}")
+        raise WireError("bad first line")
     return Head((first[0], first[1], first[2]), raw)
 
 
 def parse_response_head(raw: bytes) -> Head:
     head = parse_head(raw)
     if not head.first[0].startswith("HTTP/1."):
-        raise WireError(f"not an HTTP/1 response: {head.first[0][:20]!r}")
+        raise WireError("not an HTTP/1 response")
     if not (len(head.first[1]) == 3 and head.first[1].isdigit()):
-        raise WireError(f"bad status code {head.first[1][:20]!r}")
+        raise WireError("bad status code")
     return head
 
 
 def parse_request_head(raw: bytes) -> Head:
     head = parse_head(raw)
     if not head.first[2].startswith("HTTP/1."):
-        raise WireError(f"not an HTTP/1 request: {head.first[2][:20]!r}")
+        raise WireError("not an HTTP/1 request")
     return head
 
 
@@ -215,7 +216,7 @@ class BodyFramer:
                 try:
                     size = int(size_text, 16)
                 except ValueError:
-                    raise WireError(f"bad chunk size {size_text[:20]!r}") from None
+                    raise WireError("bad chunk size") from None
                 if size < 0 or len(size_text) > 16:
                     raise WireError("bad chunk size")
                 if size == 0:
@@ -299,7 +300,7 @@ def _framer_from_headers(head: Head, default_until_close: bool) -> BodyFramer:
     if lengths:
         value = lengths.pop()
         if not value.isdigit() or len(value) > 18:
-            raise WireError(f"bad Content-Length {value[:20]!r}")
+            raise WireError("bad Content-Length")
         return BodyFramer(int(value))
     return BodyFramer(None) if default_until_close else BodyFramer(0)
 

@@ -1,0 +1,13 @@
+"""mitmproxy script of an installed mitmproxy-ntlm: authenticate to an NTLM parent proxy.
+
+    mitmdump -s "$(mitm-ntlm script)" --mode upstream:http://proxy:8080 \
+        --set ntlm_username='CORP\\alice' --set ntlm_password_file=~/.ntlm-password
+
+`mitm-ntlm script` prints this file's path. It sits in a folder of its own because mitmproxy
+puts a script's folder on sys.path while loading it.
+"""
+
+from mitmproxy_ntlm.script import serve_from
+
+# This module is the addon: mitmproxy walks a script's addons for every event, and stops here.
+serve_from(globals())

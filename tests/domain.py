@@ -193,6 +193,14 @@ class SambaDC:
             time.sleep(1)
         raise RuntimeError(f"kinit {user}: {proc.stderr.strip()}")
 
+    def cache_logon(self, user: str, password: str) -> None:
+        """Give winbind cached credentials for `user` (for callers with this uid), as a logon
+        through pam_winbind with cached_login does; ntlm_auth --use-cached-creds uses them."""
+        proc = subprocess.run(["wbinfo", f"--ccache-save={DOMAIN}\\{user}%{password}"],
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wbinfo --ccache-save {user}: {proc.stdout}{proc.stderr}")
+
     def export_keytab(self, user: str, path: Path) -> None:
         self._tool("domain", "exportkeytab", str(path), f"--principal={user}@{REALM}")
 
@@ -248,6 +256,15 @@ def domain_squid(dc: SambaDC, schemes: tuple[str, ...] = ("negotiate", "ntlm")) 
                       "auth_param ntlm keep_alive on"]
     return Squid("custom", auth_lines=lines, environment=dc.env(),
                  extra_config="strip_query_terms off")
+
+
+def programs_below(root: int) -> list[str]:
+    """The names of the processes running below `root` (e.g. helpers a proxy started)."""
+    names = []
+    for pid in _descendants(root):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
 
 
 def _descendants(root: int) -> list[int]:

@@ -72,7 +72,7 @@ def pattern_bytes(n: int) -> bytes:
     return (block * (n // 251 + 1))[:n]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free right now on 127.0.0.1, for servers that cannot bind port 0 themselves."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -844,7 +844,7 @@ class Squid:
                 os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         last_error: Exception | None = None
         for _attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             conf = self.dir / "squid.conf"
             conf.write_text(self._config())
             check = subprocess.run(

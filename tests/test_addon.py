@@ -19,7 +19,7 @@ from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import ROOT, Mitmdump, curl
 from mitmproxy_ntlm import mitmproxy_internals
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
-from servers import client_env
+from servers import client_env, free_port
 
 
 @pytest.mark.parametrize("name", ["upstream.yaml", "regular-mode.yaml", "failover.yaml",
@@ -41,7 +41,7 @@ def test_example_config_yaml_works(tmp_path: Path, parent, origin, name: str) ->
     text = text.replace("~/.mitm-ntlm/password", str(pw))
     text = text.replace("ntlm_username: alice", f"ntlm_username: {TEST_USER}")
     text = text.replace("ntlm_domain: CORP", f"ntlm_domain: {TEST_DOMAIN}")
-    http_port, socks_port = _free_port(), _free_port()
+    http_port, socks_port = free_port(), free_port()
     text = re.sub(r"regular@\d+", f"regular@{http_port}", text)
     text = re.sub(r"socks5@\d+", f"socks5@{socks_port}", text)
     confdir = tmp_path / "conf"
@@ -133,21 +133,15 @@ def test_decode_command_describes_without_secrets() -> None:
 
 
 def _dead_parent() -> str:
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mitmweb_shows_the_authentication_on_the_flow(tmp_path: Path, parent, origin) -> None:
     import httpx
 
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                               "ntlm_password_env": "PW", "web_port": web_port},
                  confdir=tmp_path, tool="mitmweb", env={"PW": TEST_PASSWORD})
@@ -170,7 +164,7 @@ def test_mitmweb_shows_the_authentication_on_the_flow(tmp_path: Path, parent, or
 
 def test_console_proxies_through_the_addon(tmp_path: Path, parent, origin) -> None:
     """The mitmproxy console (a real terminal under tmux) loads the addon and shows the flow."""
-    port = _free_port()
+    port = free_port()
     session = f"ntlm-console-{port}"
     cmd = (f"PW={TEST_PASSWORD} {Path(sys.executable).parent / 'mitmproxy'} "
            f"-s {ROOT / 'addons' / 'ntlm.py'} --mode upstream:{parent.url} "

@@ -26,6 +26,7 @@ from mitmproxy.utils import typecheck
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
 from mitm import ADDON, BIN, Mitmdump, curl
 from mitmproxy_ntlm import script
+from servers import free_port
 
 CLI = str(BIN / "mitm-ntlm")
 NON_ASCII = "Pässwörd1"
@@ -250,10 +251,6 @@ def test_detect_parent_without_ntlm(basic_only_parent: str) -> None:
 # --------------------------------------------------------------------------- import-cntlm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ConfigOnlyMitmdump(Mitmdump):
@@ -264,7 +261,7 @@ class ConfigOnlyMitmdump(Mitmdump):
 
 
 def test_imported_cntlm_conf_runs_in_mitmdump(tmp_path: Path, parent, origin) -> None:
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "cntlm.conf"
     conf.write_text(
         "# a CNTLM config as people have them\n"
@@ -353,7 +350,7 @@ def test_imported_allow_deny_rules_admit_the_same_clients(tmp_path: Path, parent
                                                           origin) -> None:
     # cntlm: first matching rule wins. The addon: deny wins over allow. Copied verbatim, these
     # rules would refuse everyone; translated, 127.0.0.2 alone is refused.
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "cntlm.conf"
     conf.write_text(
         f"Username {TEST_USER}\nDomain {TEST_DOMAIN}\nPassword {TEST_PASSWORD}\n"

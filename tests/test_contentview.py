@@ -318,13 +318,12 @@ def _view_text(answer: dict) -> str:
 def test_mitmweb_serves_the_decoded_handshake_of_a_flow(tmp_path) -> None:
     """A client that does NTLM itself with an intranet server, through mitmweb: its flows'
     auth headers decode through mitmweb's content-view API, and no response bytes appear."""
-    from test_secrets import _free_port
 
     from mitm import Mitmdump, curl
-    from servers import NtlmOrigin
-    from test_trace import Web
+    from servers import NtlmOrigin, free_port
+    from web import MitmwebApi as Web
 
-    web_port = _free_port()
+    web_port = free_port()
     with NtlmOrigin({f"{TEST_DOMAIN}\\{TEST_USER}": TEST_PASSWORD}) as intranet, \
             Mitmdump(None, {"web_port": web_port}, confdir=tmp_path, tool="mitmweb") as m:
         r = curl("--ntlm", "-u", f"{TEST_DOMAIN}\\{TEST_USER}:{TEST_PASSWORD}", "-x", m.url,
@@ -363,12 +362,12 @@ def test_mitmweb_decodes_the_hidden_legs_without_their_secrets(tmp_path, parent,
     """With ntlm_show_legs, the 407 legs mitmproxy-ntlm did itself are flows whose tokens
     this view decodes (chosen by itself); the Type 3 was never kept, its summary is shown."""
     from test_report import forbidden
-    from test_secrets import _free_port
 
     from mitm import Mitmdump, curl
-    from test_trace import Web
+    from servers import free_port
+    from web import MitmwebApi as Web
 
-    web_port = _free_port()
+    web_port = free_port()
     with Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                                "ntlm_password_env": "PW", "ntlm_show_legs": True,
                                "web_port": web_port},

@@ -17,8 +17,9 @@ import pytest
 from mitmproxy.io import FlowReader
 
 from constants import TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
-from domain import REALM, SambaDC, domain_squid
+from domain import REALM, SambaDC, domain_squid, programs_below
 from mitm import Mitmdump, curl
+from servers import free_port
 
 pytestmark = pytest.mark.dc
 
@@ -129,12 +130,12 @@ def test_kerberos_from_a_ticket_cache(mitm, domain, domain_squid, origin, tls_or
 
 def test_kerberos_in_mitmweb_flows_and_legs_with_the_token_redacted(domain, domain_squid,
                                                                      origin, tmp_path):
-    from servers import _free_port
-    from test_trace import Web, _wait
+    from test_trace import _wait
+    from web import MitmwebApi as Web
 
     ccache = tmp_path / "krb5cc"
     domain.kinit(TEST_USER, TEST_PASSWORD, ccache)
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent_url(domain_squid), {
         "ntlm_kerberos_ccache": f"FILE:{ccache}", "web_port": web_port, "ntlm_show_legs": True},
         confdir=tmp_path, tool="mitmweb", env=env_for(domain, f"FILE:{ccache}"))
@@ -278,3 +279,61 @@ def test_service_principal_can_be_named_when_the_parent_is_reached_by_another_na
     assert curl("-x", m.url, url).stdout == "hello"
     assert wait_users(domain_squid, url, 1) == [KERBEROS_PRINCIPAL]
     assert m.wait_for("Kerberos for HTTP/localhost: ticket for")
+
+
+def winbind_options(**more: object) -> dict[str, object]:
+    return {"ntlm_winbind": True, **more}
+
+
+def as_logged_on(dc: SambaDC, user: str) -> dict[str, str]:
+    """The environment of a session of `user` (getpass.getuser() reads LOGNAME/USER)."""
+    return {**env_for(dc), "LOGNAME": user, "USER": user}
+
+
+def test_winbind_single_sign_on_with_the_logged_on_users_cached_credentials(
+        mitm, domain, domain_squid, origin):
+    """No password and no user name in mitmproxy: winbind's cached logon of the session's user
+    answers the DC-checked NTLM challenge, and the handshake's ntlm_auth is ended."""
+    domain.cache_logon(TEST_USER, TEST_PASSWORD)
+    m = mitm(parent_url(domain_squid), winbind_options(ntlm_domain="CORP"),
+             env=as_logged_on(domain, TEST_USER))
+    url = f"{origin.url}/hello?winbind-sso"
+    assert curl("-x", m.url, url, url).stdout == "hellohello"
+    assert wait_users(domain_squid, url, 2) == ["CORP\\\\alice", "CORP\\\\alice"]
+    assert m.wait_for("NTLM by winbind (cached credentials) as CORP\\alice")
+    assert m.wait_for("NTLM by winbind: Kerberos not used")
+    assert m.proc is not None  # the handshake's helper has ended; the spare started ahead waits
+    assert programs_below(m.proc.pid).count("ntlm_auth") == 1
+
+
+def test_winbind_without_cached_credentials_is_a_clear_error(mitm, domain, domain_squid,
+                                                              origin):
+    """bob has no cached logon: a 502 naming the fix, and no logon attempt at the DC."""
+    before = domain.bad_password_count("bob")
+    m = mitm(parent_url(domain_squid), winbind_options(ntlm_username="CORP\\bob"),
+             env=env_for(domain))
+    r = curl("-x", m.url, "-w", "\n%{http_code}", f"{origin.url}/winbind-no-cache")
+    assert r.stdout.endswith("\n502")
+    assert "winbind has no cached credentials for CORP\\bob" in r.stdout
+    assert "wbinfo --ccache-save" in r.stdout
+    assert m.wait_for("no cached credentials for CORP\\bob")
+    assert domain.bad_password_count("bob") == before
+    assert m.proc is not None  # the handshake's helper has ended; the spare started ahead waits
+    assert programs_below(m.proc.pid).count("ntlm_auth") == 1
+
+
+def test_winbind_with_a_stale_cached_password_is_stopped_by_the_lockout_guard(
+        mitm, domain, domain_squid, origin):
+    """The DC rejects the cached (old) password: each rejection counts, and the guard stops
+    before the account would lock."""
+    user = "dave"
+    domain.cache_logon(user, WRONG_PASSWORD)
+    before = domain.bad_password_count(user)
+    m = mitm(parent_url(domain_squid), winbind_options(ntlm_username=f"CORP\\{user}",
+                                                       ntlm_max_failures=3),
+             env=env_for(domain))
+    for _ in range(5):
+        r = curl("-x", m.url, "-w", "%{http_code}", "-o", "/dev/null", f"{origin.url}/x")
+        assert r.stdout == "502"
+    assert domain.bad_password_count(user) == before + 3
+    assert m.wait_for("stops sending these credentials")

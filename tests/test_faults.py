@@ -8,10 +8,11 @@ import threading
 import time
 
 import pytest
-from test_secret_inputs import Web, free_port
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import Mitmdump, curl
+from servers import free_port
+from web import MitmwebApi
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 
@@ -79,7 +80,7 @@ def test_a_bad_password_file_set_at_runtime_is_refused_and_the_proxy_keeps_servi
     m = Mitmdump(parent.url, {**CREDS, "web_port": web_port}, confdir=tmp_path, tool="mitmweb",
                  env={"PW": TEST_PASSWORD})
     with m:
-        web = Web(m, web_port)
+        web = MitmwebApi(m, web_port)
         r = web.set(ntlm_password_env="", ntlm_password_file=str(bad))
         assert r.status_code == 400, r.text
         assert {"fifo": "named pipe", "directory": "is a directory",

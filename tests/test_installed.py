@@ -26,7 +26,7 @@ import pytest
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import ROOT
 from mitmproxy_ntlm.versions import mitmproxy_tested
-from servers import _free_port, wait_port
+from servers import free_port, wait_port
 
 pytestmark = pytest.mark.installed
 
@@ -128,7 +128,7 @@ def run_proxy(venv: Venv) -> Iterator:
     started: list[Proxy] = []
 
     def start(*args: str) -> Proxy:
-        port = _free_port()
+        port = free_port()
         log = venv.home / f"proxy-{len(started)}.log"
         cmd = [a.replace("{port}", str(port)) for a in args]
         with log.open("w") as out:
@@ -256,7 +256,7 @@ def test_mitmdump_with_the_installed_script(venv: Venv, run_proxy, squid_ntlm, o
                  "--cacert", str(tls_origin.cert_path)) == "hello"
     confdir = venv.home / "web-conf"
     tool = "mitmweb" if venv.minor == PYTHONS[-1] else "mitmdump"
-    web = ["--set", "web_open_browser=false", "--set", f"web_port={_free_port()}"] \
+    web = ["--set", "web_open_browser=false", "--set", f"web_port={free_port()}"] \
         if tool == "mitmweb" else []
     intercepting = run_proxy(venv.bin(tool), "-s", script, *common, *web,
                              "--set", f"confdir={confdir}",

@@ -9,22 +9,19 @@ import socket
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
 from mitm import BIN, Mitmdump, curl
 from mitmproxy_ntlm import options
 from mitmproxy_ntlm.testparent import ParentProxy
+from servers import free_port
+from web import MitmwebApi
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
 CLI = str(BIN / "mitm-ntlm")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_clean_refusal(m: Mitmdump, *messages: str) -> None:
@@ -95,7 +92,7 @@ def test_bad_options_in_config_yaml_are_all_reported(tmp_path: Path, parent, pas
 
 
 def test_yaml_lists_and_comma_lists_route_alike(tmp_path: Path, parent, origin, password_file):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     (tmp_path / "config.yaml").write_text(
         f"mode: [regular]\nconnection_strategy: lazy\nntlm_username: {TEST_USER}\n"
         f"ntlm_domain: {TEST_DOMAIN}\nntlm_password_file: {password_file}\n"
@@ -129,30 +126,25 @@ def test_start_lines_say_nothing_false(mitm, parent, origin, password_file, tmp_
 
 def test_mitmweb_refuses_bad_values_and_keeps_the_old_ones(tmp_path: Path, parent, origin,
                                                            password_file):
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {**CREDS, "ntlm_password_file": password_file,
                               "web_port": web_port}, confdir=tmp_path, tool="mitmweb")
     with m:
-        assert m.wait_for("Web server listening")
-        base = f"http://127.0.0.1:{web_port}"
-        xsrf = "0123456789abcdef"
-        client = httpx.Client(cookies={"_xsrf": xsrf, "_mitmproxy_xsrf": xsrf},
-                              headers={"X-XSRFToken": xsrf})
+        web = MitmwebApi(m, web_port)
         for change, message in (({"ntlm_dialect": "ntlmv3"}, "use one of ntlmv2"),
                                 ({"ntlm_max_failures": -1}, "it must be 0 or more"),
                                 ({"ntlm_scheme": "bogus"}, "use one of auto")):
-            r = client.put(f"{base}/options", json=change)
+            r = web.set(**change)
             assert r.status_code == 400 and message in r.text, (change, r.text)
-        shown = client.get(f"{base}/options").json()
+        shown = web.options()
         assert shown["ntlm_dialect"]["value"] == "ntlmv2"
         assert shown["ntlm_max_failures"]["value"] == 3
         assert shown["ntlm_scheme"]["value"] == "auto"
         # The `set` command (mitmweb's command bar) is refused the same way.
-        r = client.post(f"{base}/commands/set", json={"arguments": ["ntlm_dialect", "ntlmv3"]})
-        assert "use one of ntlmv2" in r.text
-        assert client.get(f"{base}/options").json()["ntlm_dialect"]["value"] == "ntlmv2"
+        assert "use one of ntlmv2" in web.run("set", "ntlm_dialect", "ntlmv3").text
+        assert web.options()["ntlm_dialect"]["value"] == "ntlmv2"
         # A list option takes a list, each entry comma-separated or not.
-        r = client.put(f"{base}/options", json={"ntlm_noproxy": ["a.invalid, b.invalid"]})
+        r = web.set(ntlm_noproxy=["a.invalid, b.invalid"])
         assert r.status_code == 200, r.text
         assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
 

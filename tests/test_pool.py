@@ -23,7 +23,8 @@ from mitm import Mitmdump, curl, run_concurrently
 from mitmproxy_ntlm import wire
 from mitmproxy_ntlm.credentials import Credentials
 from mitmproxy_ntlm.pool import ParentPool, PooledConnection, PoolKey
-from test_trace import Web, _free_port
+from servers import free_port
+from web import MitmwebApi as Web
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 ENV = {"PW": TEST_PASSWORD}
@@ -324,7 +325,7 @@ def test_squid_accepts_reused_connections(mitm, squid_ntlm, origin):
 
 
 def test_status_and_mitmweb_show_the_pool(tmp_path, parent, origin):
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {**CREDS, "web_port": web_port}, confdir=tmp_path, tool="mitmweb",
                  env=ENV)
     with m:

@@ -14,14 +14,15 @@ import re
 from pathlib import Path
 
 from spnego._ntlm_raw.messages import Authenticate
-from test_secrets import _free_port, secret_forms
+from test_secrets import secret_forms
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
 from mitm import Mitmdump, curl
 from mitmproxy_ntlm import __version__
 from mitmproxy_ntlm.credentials import hashes_from_password
 from mitmproxy_ntlm.report import without_userinfo
-from test_trace import Web
+from servers import free_port
+from web import MitmwebApi as Web
 
 
 def forbidden(type3_tokens: list[str], *passwords: str) -> list[str]:
@@ -49,7 +50,7 @@ def test_report_explains_the_handshakes_and_holds_no_secret(tmp_path: Path, pare
     good_file, bad_file = tmp_path / "good.txt", tmp_path / "bad.txt"
 
     # A working setup in mitmweb: the command, and the file written at exit.
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {**creds, "ntlm_password_env": "PW", "web_port": web_port,
                               "ntlm_report_file": str(good_file)},
                  confdir=tmp_path / "web", tool="mitmweb", env={"PW": TEST_PASSWORD})

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import codecs
 import os
-import secrets
 import socket
 import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
@@ -27,6 +25,8 @@ from mitmproxy_ntlm.credentials import (
     read_secret_file,
 )
 from mitmproxy_ntlm.userfile import MAX_BYTES
+from servers import free_port
+from web import MitmwebApi
 
 CLI = str(BIN / "mitm-ntlm")
 NT_PASSWORD = hashes_from_password("Password")[1]
@@ -190,31 +190,6 @@ def test_cli_refuses_a_fifo_at_once(tmp_path: Path, args: list[str]) -> None:
     assert "is a named pipe (FIFO), not a file" in p.stderr and "Traceback" not in p.stderr
 
 
-class Web:
-    """mitmweb's options API (GET/PUT /options, double-submit XSRF as mitmweb wants it)."""
-
-    def __init__(self, m: Mitmdump, port: int) -> None:
-        assert m.wait_for("Web server listening")
-        self.base = f"http://127.0.0.1:{port}"
-        xsrf = secrets.token_hex(16)
-        self.client = httpx.Client(cookies={"_xsrf": xsrf, "_mitmproxy_xsrf": xsrf},
-                                   headers={"X-XSRFToken": xsrf}, timeout=10)
-
-    def options(self) -> str:
-        r = self.client.get(self.base + "/options")
-        assert r.status_code == 200 and "ntlm_password_file" in r.text, r.text[:200]
-        return r.text
-
-    def set(self, **options: str) -> httpx.Response:
-        return self.client.put(self.base + "/options", json=options)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mitmweb_refuses_a_password_option_at_start(parent, tmp_path: Path) -> None:
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                               "ntlm_password": TEST_PASSWORD, "web_port": free_port()},
@@ -239,13 +214,13 @@ def test_no_secret_option_reaches_mitmweb_at_runtime(parent, tmp_path: Path) -> 
     web_port = free_port()
     m = Mitmdump(parent.url, {"web_port": web_port}, confdir=tmp_path, tool="mitmweb")
     with m:
-        web = Web(m, web_port)
+        web = MitmwebApi(m, web_port)
         for name, secret in attempts.items():
             r = web.set(ntlm_username=f"{TEST_DOMAIN}\\{TEST_USER}", **{name: secret})
             assert r.status_code == 400 and "ntlm_password_file" in r.text, (name, r.text)
-            shown = web.options()
-            assert secret.lower() not in shown.lower(), name
-        events = web.client.get(web.base + "/events").text
+            shown = web.get("/options").text
+            assert "ntlm_password_file" in shown and secret.lower() not in shown.lower(), name
+        events = web.get("/events").text
         assert m.proc and m.proc.poll() is None
     everything = (m.output + events).lower()
     assert [s for s in attempts.values() if s.lower() in everything] == []

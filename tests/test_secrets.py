@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -19,12 +18,7 @@ from spnego._ntlm_raw.crypto import ntowfv2
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import Mitmdump, curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servers import free_port
 
 
 def secret_forms(user: str, domain: str, password: str) -> list[str]:
@@ -57,7 +51,7 @@ def test_no_secret_in_any_log_line_or_flow(tmp_path: Path, make_parent, origin, 
               "ssl_verify_upstream_trusted_ca": str(tls_origin.cert_path)}
 
     def run(options: dict, scenario, env: dict | None = None) -> None:  # type: ignore[no-untyped-def]
-        web_port = _free_port()
+        web_port = free_port()
         m = Mitmdump(parent.url, {**common, **options, "web_port": web_port},
                      confdir=tmp_path, tool="mitmweb", env=env)
         with m:

@@ -4,52 +4,20 @@ from __future__ import annotations
 
 import io
 import re
-import secrets
-import socket
 import time
 from pathlib import Path
 
-import httpx
 from mitmproxy.io import FlowReader
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import Mitmdump, curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
+from servers import free_port
+from web import MitmwebApi as Web
 
 PRINCIPAL = f"{TEST_DOMAIN}\\{TEST_USER}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Web:
-    """mitmweb's own HTTP API: flows as JSON, the flow dump, commands."""
-
-    def __init__(self, m: Mitmdump, port: int) -> None:
-        assert m.wait_for("Web server listening")
-        token = re.search(r"token=([\w-]+)", m.output)
-        self.params = {"token": token.group(1)} if token else {}
-        self.base = f"http://127.0.0.1:{port}"
-        # Tornado checks POSTs by double submit: the same value as cookie and header.
-        self.xsrf = secrets.token_hex(16)
-        self.client = httpx.Client(params=self.params, cookies={
-            "_xsrf": self.xsrf, "_mitmproxy_xsrf": self.xsrf})  # the name changed in 12
-
-    def flows(self) -> list[dict]:
-        return self.client.get(self.base + "/flows").json()
-
-    def dump(self) -> bytes:
-        return self.client.get(self.base + "/flows/dump").content
-
-    def command(self, name: str, *args: str) -> str:
-        r = self.client.post(f"{self.base}/commands/{name}", json={"arguments": list(args)},
-                             headers={"X-XSRFToken": self.xsrf})
-        assert r.status_code == 200, r.text
-        value = r.json().get("value", r.json())
-        return "\n".join(value) if isinstance(value, list) else str(value)  # commands' lines
 
 
 def _wait(predicate, timeout: float = 10):  # type: ignore[no-untyped-def]
@@ -70,7 +38,7 @@ def secrets_in(text: str, tokens: list[str]) -> list[str]:
 
 
 def test_trace_in_log_flows_and_mitmweb(tmp_path: Path, parent, origin) -> None:
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                               "ntlm_password_env": "PW", "web_port": web_port,
                               "ntlm_show_legs": True},
@@ -139,7 +107,7 @@ def test_trace_in_log_flows_and_mitmweb(tmp_path: Path, parent, origin) -> None:
 
 def test_failures_are_marked_and_passthrough_connect_is_annotated(tmp_path: Path, parent, origin,
                                                                    tls_origin) -> None:
-    web_port = _free_port()
+    web_port = free_port()
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                               "ntlm_password_env": "PW", "web_port": web_port,
                               "ntlm_show_legs": True},

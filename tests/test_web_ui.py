@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitm import ROOT, Mitmdump, curl
+from servers import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,10 +35,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 KEY, RECYCLE, WARNING = "\N{KEY}", "\N{BLACK UNIVERSAL RECYCLING SYMBOL}", "\N{WARNING SIGN}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +106,7 @@ def web(browser: Any, tmp_path: Path) -> Iterator[Callable[..., tuple[Mitmdump, 
 
     def start(parent_url: str, password: str, *args: str,
               **options: Any) -> tuple[Mitmdump, WebPage]:
-        port = _free_port()
+        port = free_port()
         m = Mitmdump(parent_url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                                   "ntlm_password_env": "PW", "web_port": port,
                                   "ntlm_show_legs": True, **options}, *args,
@@ -133,8 +129,11 @@ def test_good_password_reads_407_200_200_with_marks_comments_and_the_decoded_vie
         web, parent, origin) -> None:
     m, page = web(parent.url, TEST_PASSWORD)
     assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
-    rows = page.wait_rows(lambda rows: len(_stories(rows)) == 1)
     # Top to bottom as in Fiddler: Type 1 -> 407 + Type 2, Type 3 -> 200, then the request.
+    # The legs arrive after their flow is listed; the list is then reloaded (a reset message),
+    # so the order may take a moment to settle.
+    rows = page.wait_rows(lambda rows: len(_stories(rows)) == 1
+                          and [r["status"] for r in rows] == ["407", "200", "200"])
     assert [r["status"] for r in rows] == ["407", "200", "200"], rows
     leg = f"for GET {origin.url}/hello (flow "
     assert rows[0]["comment"].startswith(f"NTLM leg 1 of 2 {leg}"), rows
@@ -166,7 +165,15 @@ def test_wrong_password_and_failed_tunnels_show_the_parents_answer_and_why(
     tls_port = tls_origin.url.rsplit(":", 1)[1]
     curl("-k", "-x", m.url, f"https://127.0.0.1:{tls_port}/hello")  # intercepted
     curl("-k", "-x", m.url, f"https://localhost:{tls_port}/hello")  # passed through
-    rows = page.wait_rows(lambda rows: sum(r["method"] == "CONNECT" for r in _stories(rows)) == 2)
+    def settled(rows: list[dict[str, str]]) -> bool:  # both tunnels listed, legs above the GET
+        stories = _stories(rows)
+        get = [i for i, r in enumerate(rows) if r in stories and r["method"] == "GET"]
+        legs = [i for i, r in enumerate(rows)
+                if r["comment"].startswith("NTLM leg ") and " for GET " in r["comment"]]
+        return sum(r["method"] == "CONNECT" for r in stories) == 2 and bool(get) \
+            and bool(legs) and max(legs) < get[0]
+
+    rows = page.wait_rows(settled)
     stories = _stories(rows)
     get = next((r for r in stories if r["path"] == f"{origin.url}/hello"), None)
     assert get is not None, rows
@@ -199,9 +206,10 @@ def test_intercepted_connect_with_good_password_lists_the_tunnel_and_its_legs(
         web, parent, tls_origin) -> None:
     m, page = web(parent.url, TEST_PASSWORD, ssl_insecure=True)  # the origin's own cert
     assert curl("-k", "-x", m.url, f"{tls_origin.url}/hello").stdout == "hello"
-    rows = page.wait_rows(lambda rows: len(_stories(rows)) == 2)
-    assert [(r["method"], r["status"]) for r in rows] == [
-        ("CONNECT", "407"), ("CONNECT", "200"), ("CONNECT", "200"), ("GET", "200")], rows
+    expected = [("CONNECT", "407"), ("CONNECT", "200"), ("CONNECT", "200"), ("GET", "200")]
+    rows = page.wait_rows(lambda rows: len(_stories(rows)) == 2 and
+                          [(r["method"], r["status"]) for r in rows] == expected)
+    assert [(r["method"], r["status"]) for r in rows] == expected, rows
     assert rows[2]["mark"] == KEY and rows[3]["mark"] == ""
     assert rows[2]["comment"].startswith(f"NTLMv2 as {PRINCIPAL} via 127.0.0.1:")
     assert "this connection was authenticated for an earlier request" in rows[3]["comment"]

@@ -17,7 +17,7 @@ from mitmproxy import command, ctx, exceptions, http, types
 from mitmproxy.addonmanager import Loader
 from mitmproxy.hooks import UpdateHook
 
-from . import authview, kerberos, mitmproxy_internals, options
+from . import authview, config_file, kerberos, mitmproxy_internals, options, winbind
 from .bounded import bounded_set
 from .credentials import (
     CredentialError,
@@ -25,6 +25,7 @@ from .credentials import (
     SecretSources,
     build_credentials,
     kerberos_only,
+    principal_of,
 )
 from .handshake import Dialect, quiet_spnego_logs
 from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
@@ -49,6 +50,7 @@ CREDENTIAL_OPTIONS = (
     "ntlm_password",
     "ntlm_password_env",
     "ntlm_password_file",
+    "ntlm_password_keyring",
     "ntlm_pass_nt",
     "ntlm_pass_lm",
     "ntlm_hashes",
@@ -66,6 +68,7 @@ CREDENTIAL_OPTIONS = (
     "ntlm_kerberos_realm",
     "ntlm_kerberos_spn",
     "ntlm_kerberos_lifetime",
+    "ntlm_winbind",
     "proxyauth",
 )
 # Marks in the flow list (mitmproxy's emoji names; README "Seeing what happens"): the flow
@@ -85,8 +88,8 @@ def refuse_secret_options_in_web(opts: Any) -> None:
         raise exceptions.OptionsError(
             f"mitmproxy-ntlm: under mitmweb, {' and '.join(given)} would be shown to anyone who "
             f"can open mitmweb (its options editor and API show every option); put the password "
-            f"in a file named by ntlm_password_file (mode 0600) or in an environment variable "
-            f"named by ntlm_password_env instead")
+            f"in a file named by ntlm_password_file (mode 0600), in an environment variable "
+            f"named by ntlm_password_env or in the OS keyring (ntlm_password_keyring) instead")
 
 
 class NtlmUpstreamAuth:
@@ -100,7 +103,8 @@ class NtlmUpstreamAuth:
         # Handshakes whose legs wait for the first flow on their connection (ntlm_show_legs).
         self._pending_legs: OrderedDict[str, tuple[HandshakeTrace, Any, Any]] = OrderedDict()
         self.tickets: KerberosTickets | None = None
-        self.reloader = SecretReloader(self.reload_secrets)
+        self.reloader = SecretReloader(self.reload_secrets, self.reload_on_hangup)
+        self._config_names: set[str] = set()  # the options ntlm_config set when last read
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
@@ -108,6 +112,11 @@ class NtlmUpstreamAuth:
         options.declare(loader, options.UPSTREAM)
 
     def configure(self, updated: set[str]) -> None:
+        if "ntlm_config" in updated:
+            applied = self.apply_config_file()  # configured just now, by a nested configure
+            if applied & set(CREDENTIAL_OPTIONS):
+                applied |= set(CREDENTIAL_OPTIONS)
+            updated = updated - applied
         if updated & set(POOL_OPTIONS) and not updated & set(CREDENTIAL_OPTIONS):
             self._configure_pool()
         if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
@@ -119,7 +128,14 @@ class NtlmUpstreamAuth:
         if opts.ntlm_multiuser:
             self._configure_multiuser()
             return
+        if opts.ntlm_winbind:
+            self._configure_winbind()
+            return
         if not opts.ntlm_username:
+            if opts.ntlm_password_keyring:
+                raise exceptions.OptionsError(
+                    "mitmproxy-ntlm: ntlm_password_keyring reads the password of ntlm_username: "
+                    "set ntlm_username (DOMAIN\\user) as well")
             creds = self._kerberos_identity()
             if creds is None:
                 self.policy = None
@@ -140,6 +156,9 @@ class NtlmUpstreamAuth:
         self.logins = None
         self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
         self.reloader.watch(opts.ntlm_password_file)
+        if opts.ntlm_password_keyring:
+            log.info("[ntlm] the password of %s was read from the OS keyring (read again on "
+                     "SIGHUP)", creds.principal)
         log.info("[ntlm] %s as %s to the parent proxy (workstation %s)",
                  self._dialect().label, creds.principal, creds.workstation)
 
@@ -157,6 +176,8 @@ class NtlmUpstreamAuth:
                 pass_nt=opts.ntlm_pass_nt,
                 pass_lm=opts.ntlm_pass_lm,
                 hashes=opts.ntlm_hashes,
+                keyring_entry=principal_of(opts.ntlm_username, opts.ntlm_domain)
+                if opts.ntlm_password_keyring else "",
             ),
             keep_password=self._tickets_from_passwords(),
         )
@@ -167,7 +188,8 @@ class NtlmUpstreamAuth:
         policy = self.policy
         if policy is None:
             return
-        if policy.creds is None or not ctx.options.ntlm_username:  # multi-user, Kerberos only
+        if policy.creds is None or policy.creds.winbind or not ctx.options.ntlm_username:
+            # multi-user, winbind, Kerberos only: no secret of ours to read again
             if by_user:
                 self.reset()
             return
@@ -186,10 +208,48 @@ class NtlmUpstreamAuth:
                  reason, "new credentials read" if changed else "credentials read again",
                  creds.principal)
 
+    def apply_config_file(self) -> set[str]:
+        """Apply ntlm_config's options (OptionsError for a bad file or value, nothing changed
+        then); returns the names whose value changed."""
+        opts = ctx.options
+        if not opts.ntlm_config:
+            self._config_names = set()
+            return set()
+        update, names = config_file.changes(opts, opts.ntlm_config, opts.ntlm_config_keep,
+                                            self._config_names)
+        if update:
+            try:
+                opts.update(**update)
+            except exceptions.OptionsError as e:
+                cause = str(e).removeprefix("mitmproxy-ntlm: ")
+                raise exceptions.OptionsError(f"config file {opts.ntlm_config}: {cause}") from None
+        self._config_names = names
+        return set(update)
+
+    def reload_on_hangup(self) -> None:
+        """SIGHUP: the config file, then the secret (lifting the lockout guard), then the PAC."""
+        opts = ctx.options
+        changed: set[str] = set()
+        if opts.ntlm_config:
+            try:
+                changed = self.apply_config_file()
+            except exceptions.OptionsError as e:
+                log.warning("[ntlm] SIGHUP: %s; the running options stay as they were", e)
+            else:
+                log.info("[ntlm] SIGHUP: %s read again: %s", opts.ntlm_config,
+                         f"changed {', '.join(sorted(changed))}" if changed else "no change")
+        self.reload_secrets("SIGHUP", True)
+        if opts.ntlm_pac and "ntlm_pac" not in changed:
+            try:
+                opts.update(ntlm_pac=opts.ntlm_pac)  # the router fetches it again
+            except exceptions.OptionsError as e:
+                log.warning("[ntlm] SIGHUP: the PAC file was not reloaded: %s", e)
+
     def _configure_multiuser(self) -> None:
         opts = ctx.options
         given = [name for name in ("ntlm_username", "ntlm_password", "ntlm_password_env",
-                                   "ntlm_password_file", "ntlm_pass_nt", "ntlm_hashes")
+                                   "ntlm_password_file", "ntlm_password_keyring", "ntlm_pass_nt",
+                                   "ntlm_hashes", "ntlm_winbind")
                  if getattr(opts, name)]
         if given:
             raise exceptions.OptionsError(
@@ -208,6 +268,28 @@ class NtlmUpstreamAuth:
                                    keep_passwords=self._tickets_from_passwords())
         log.info("[ntlm] multi-user mode: clients authenticate with Basic, %s towards the parent "
                  "(default domain %s)", self._dialect().label, opts.ntlm_domain or "none")
+
+    def _configure_winbind(self) -> None:
+        """NTLM by winbind's ntlm_auth with the cached credentials: no secret option may be
+        set (it would not be used), and ntlm_auth must be there."""
+        opts = ctx.options
+        given = [name for name in ("ntlm_password", "ntlm_password_env", "ntlm_password_file",
+                                   "ntlm_password_keyring", "ntlm_pass_nt", "ntlm_hashes")
+                 if getattr(opts, name, "")]
+        if given:
+            raise exceptions.OptionsError(
+                f"mitmproxy-ntlm: ntlm_winbind takes the password from winbind's cache; remove "
+                f"{', '.join(given)}")
+        if winbind.program() is None:
+            raise exceptions.OptionsError(
+                f"mitmproxy-ntlm: ntlm_winbind needs Samba's {winbind.PROGRAM}: "
+                f"{winbind.INSTALL_HINT}")
+        creds = winbind.winbind_identity(opts.ntlm_username, opts.ntlm_domain,
+                                         opts.ntlm_workstation)
+        self.logins = None
+        self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+        log.info("[ntlm] NTLM by winbind (cached credentials) as %s to the parent proxy",
+                 creds.principal)
 
     def _dialect(self) -> Dialect:
         return Dialect(ctx.options.ntlm_dialect)
@@ -318,6 +400,8 @@ class NtlmUpstreamAuth:
         mitmproxy_internals.uninstall()
         if self.tickets is not None:
             self.tickets.forget()
+        if self.policy is not None and self.policy.chooser is not None:
+            self.policy.chooser.winbind_helpers.stop_all()  # of handshakes left unfinished
 
     def socks5_auth(self, data: Any) -> None:
         """SOCKS5 username/password (offered when proxyauth is set) become the identity."""

@@ -1,13 +1,17 @@
 """`mitm-ntlm`: start the proxy in one command, and the CNTLM helpers (hash, detect, import).
 
 `start`: the proxy itself is plain `mitmdump -s "$(mitm-ntlm script)" ...`; this wrapper only
-assembles that command line, keeps the password out of it (it goes through the environment of
-the child process), and in demo mode first starts the project's password-checking test parent.
+assembles that command line from its flags and a config file in a known place (read by the
+addon, reloaded on SIGHUP), keeps the password out of it (it goes through the environment), and
+in demo mode first starts the project's password-checking test parent. Without the demo it
+execs mitmdump, so a service manager's signals reach mitmproxy itself.
 Like CNTLM and Px it passes HTTPS through untouched unless `--intercept` names hosts.
 `script`, `configs` and `ca` print where the installed script, the example configs and
 mitmproxy's CA are.
 `hash`, `detect` and `import-cntlm` do what `cntlm -H`, `cntlm -M` and a hand-made config
 translation do for people moving from CNTLM.
+`password` stores the password in the OS keyring (like Px's --password), for
+ntlm_password_keyring.
 """
 
 from __future__ import annotations
@@ -22,18 +26,30 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from mitmproxy import exceptions
 
 from .cntlm_import import cntlm_hashes, cntlm_hex, convert, hash_lines, yaml_scalar
+from .config_file import default_config_paths, find_config, read_config
 from .credentials import (
     CredentialError,
     SecretSources,
     build_credentials,
+    principal_of,
     read_secret_file,
     split_principal,
 )
 from .detect import DetectError, detect
 from .handshake import Dialect
 from .interception import InterceptError, tls_options
+from .keychain import (
+    KeychainError,
+    backend_name,
+    delete_password,
+    has_password,
+    store_password,
+)
 from .locations import ADDON_SCRIPT, DEFAULT_CONFDIR, example_configs, mitmproxy_ca
 from .trust_hints import trust_instructions
 from .userfile import FileRefused, read_regular_file
@@ -47,20 +63,60 @@ def mitm_tool(tool: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(tool) or tool)
 
 
-def build_command(args: argparse.Namespace, parent_url: str) -> list[str]:
-    cmd = [
-        mitm_tool(args.tool), "-s", str(ADDON_SCRIPT),
-        "--mode", f"upstream:{parent_url}",
-        "--listen-host", args.listen_host, "-p", str(args.port),
-        "--set", f"ntlm_username={args.user}",
-        "--set", f"ntlm_password_env={PASSWORD_ENV}",
-    ]
-    if not user_sets(args, "ignore_hosts", "allow_hosts"):  # else the user's choice wins
+SECRET_OPTIONS = ("ntlm_password_file", "ntlm_password_env", "ntlm_pass_nt", "ntlm_hashes",
+                  "ntlm_password", "ntlm_password_keyring")
+"""Config-file options that give the password: with one of them set, `start` does not ask."""
+
+
+def build_command(args: argparse.Namespace, parent_url: str | None, host: str, port: int,
+                  config: Path | None, file_options: dict[str, Any]) -> list[str]:
+    """mitmdump's command line. The config file goes by name (the addon reads it, so no value
+    from it, a hash say, is ever in the process list); the options given here are named in
+    ntlm_config_keep, so they win over the file, also on a reload."""
+    cmd = [mitm_tool(args.tool), "-s", str(ADDON_SCRIPT), "--listen-host", host, "-p", str(port)]
+    pinned = [name for name, given in (("listen_host", args.listen_host),
+                                       ("listen_port", args.port)) if given is not None]
+    settings: list[tuple[str, str]] = []
+    if parent_url:
+        cmd += ["--mode", f"upstream:{parent_url}"]
+        pinned.append("mode")
+    elif file_options.get("mode") and not user_sets(args, "mode"):
+        # Listeners are set up from the command line at start (mitmproxy 12 does not move an
+        # already started listener to a mode set later by a script), so the file's go here.
+        modes = file_options["mode"]
+        for mode in [modes] if isinstance(modes, str) else modes:
+            cmd += ["--mode", str(mode)]
+        pinned.append("mode")
+    if user_sets(args, "ignore_hosts", "allow_hosts"):
+        pass  # the user's choice wins
+    elif args.intercept is not None:
         cmd += tls_options(args.intercept)
+        pinned += ["ignore_hosts", "allow_hosts"]
+    elif not tls_chosen(args, file_options):
+        cmd += tls_options(None)
+    if args.user:
+        settings.append(("ntlm_username", args.user))
     if args.domain:
-        cmd += ["--set", f"ntlm_domain={args.domain}"]
+        settings.append(("ntlm_domain", args.domain))
+    if args.password_file:
+        settings.append(("ntlm_password_file", str(Path(args.password_file).expanduser()
+                                                   .absolute())))
+    elif args.user and not any(file_options.get(name) for name in SECRET_OPTIONS):
+        settings.append(("ntlm_password_env", PASSWORD_ENV))
+    if any(name in SECRET_OPTIONS for name, _ in settings):
+        pinned += [*SECRET_OPTIONS, "ntlm_pass_lm"]  # this secret only: the file's are ignored
+    if "confdir" in file_options and not user_sets(args, "confdir"):
+        settings.append(("confdir", str(file_options["confdir"])))  # read before any addon
+    for name, value in settings:
+        cmd += ["--set", f"{name}={value}"]
+        pinned.append(name)
     for extra in args.set or []:
         cmd += ["--set", extra]
+        pinned.append(extra.partition("=")[0].strip())
+    if config is not None:
+        cmd += ["--set", f"ntlm_config={config}"]
+        for name in dict.fromkeys(pinned):
+            cmd += ["--set", f"ntlm_config_keep={name}"]
     return cmd
 
 
@@ -69,39 +125,66 @@ def start(args: argparse.Namespace) -> int:
     demo = None
     try:
         tls_options(args.intercept)  # a bad --intercept fails before anything starts
-    except InterceptError as e:
+        config = find_config(args.config)
+        file_options = read_config(config) if config else {}
+    except (InterceptError, exceptions.OptionsError) as e:
         return fail("start", str(e))
-    if port_taken(args.listen_host, args.port):  # else mitmproxy's advice is its own --mode
-        return fail("start", f"port {args.port} on {args.listen_host} is already in use (a "
+    if "scripts" in file_options:
+        return fail("start", f"{config} sets scripts: start loads the addon itself; give further "
+                    f"scripts on the command line (--set scripts=...)")
+    host = args.listen_host or str(file_options.get("listen_host") or "127.0.0.1")
+    port = args.port if args.port is not None else file_options.get("listen_port", 3128)
+    if not isinstance(port, int) or isinstance(port, bool):
+        return fail("start", f"{config}: listen_port must be a port number, not {port!r}")
+    if port_taken(host, port):  # else mitmproxy's advice is its own --mode
+        return fail("start", f"port {port} on {host} is already in use (a "
                     f"proxy already running there?): choose another one with --port")
-    if args.parent:
-        if not args.user:
+    if config is not None:
+        print(f"Config file: {config} (reloaded on SIGHUP; command-line flags win over it)")
+    else:
+        print(f"No config file (looked for {', '.join(map(str, default_config_paths()))}; "
+              f"--config FILE names one).")
+    parent_url = args.parent
+    if args.parent or config is not None:
+        if args.parent and not args.user and not file_options.get("ntlm_username"):
             print("mitm-ntlm: --user is required with --parent", file=sys.stderr)
             return 2
         if args.password_file:
             try:
-                password = read_secret_file(args.password_file, "--password-file")
+                read_secret_file(args.password_file, "--password-file")  # fail before starting
             except CredentialError as e:
                 return fail("start", str(e))
-        else:
-            password = env.get(PASSWORD_ENV) or getpass.getpass(f"Password for {args.user}: ")
-        parent_url = args.parent
+        elif args.user and not any(file_options.get(name) for name in SECRET_OPTIONS):
+            env[PASSWORD_ENV] = env.get(PASSWORD_ENV) or getpass.getpass(
+                f"Password for {args.user}: ")
     else:
         from .testparent import ParentProxy
 
         args.user, args.domain = "demo", "DEMO"
-        password = secrets.token_urlsafe(12)
-        demo = ParentProxy({"DEMO\\demo": password}).start()
+        env[PASSWORD_ENV] = secrets.token_urlsafe(12)
+        demo = ParentProxy({"DEMO\\demo": env[PASSWORD_ENV]}).start()
         parent_url = demo.url
         print(f"Demo: a local parent proxy that demands NTLM runs at {demo.url} "
               f"(user DEMO\\demo, random password).")
-        print(f"Try:  curl -x http://{args.listen_host}:{args.port} http://ntlm-demo.invalid/")
-    env[PASSWORD_ENV] = password
-    cmd = build_command(args, parent_url)
-    announce_https(args)
+        print(f"Try:  curl -x http://{host}:{port} http://ntlm-demo.invalid/")
+    cmd = build_command(args, parent_url, host, port, config, file_options)
+    announce_https(args, file_options)
     sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file
+    if demo is None and os.name == "posix":
+        try:  # mitmdump takes this process's place: a service manager signals it directly
+            os.execvpe(cmd[0], cmd, env)
+        except OSError as e:
+            return fail("start", f"cannot run {cmd[0]}: {e.strerror}")
+    return run_child(cmd, env, demo)
+
+
+def run_child(cmd: list[str], env: dict[str, str], demo: Any) -> int:
+    """Run mitmdump as a child (the demo parent lives in this process, or no exec on Windows):
+    SIGTERM and SIGHUP go on to it, and the demo parent stops when it ends."""
     proc = subprocess.Popen(cmd, env=env)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: proc.send_signal(signal.SIGHUP))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -112,11 +195,18 @@ def start(args: argparse.Namespace) -> int:
             demo.stop()
 
 
-def announce_https(args: argparse.Namespace) -> None:
+def tls_chosen(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
+    """Whether --set or the config file decides what mitmproxy intercepts."""
+    return user_sets(args, "ignore_hosts", "allow_hosts") or \
+        any(file_options.get(name) for name in ("ignore_hosts", "allow_hosts"))
+
+
+def announce_https(args: argparse.Namespace, file_options: dict[str, Any]) -> None:
     """Say what happens to HTTPS, and what to trust when it is intercepted."""
-    if user_sets(args, "ignore_hosts", "allow_hosts"):
+    if user_sets(args, "ignore_hosts", "allow_hosts") or \
+            (args.intercept is None and tls_chosen(args, file_options)):
         print("HTTPS: your ignore_hosts/allow_hosts decide what mitmproxy intercepts.")
-        print(trust_instructions(mitmproxy_ca(confdir_of(args))), end="")
+        print(trust_instructions(mitmproxy_ca(confdir_of(args, file_options))), end="")
         return
     if args.intercept is None:
         print("HTTPS passes through untouched (the parent still gets the NTLM CONNECT); no CA "
@@ -124,7 +214,7 @@ def announce_https(args: argparse.Namespace) -> None:
         return
     what = "all HTTPS" if args.intercept.strip().lower() == "all" else f"HTTPS to {args.intercept}"
     print(f"mitmproxy intercepts {what} (other hosts pass through).")
-    print(trust_instructions(mitmproxy_ca(confdir_of(args))), end="")
+    print(trust_instructions(mitmproxy_ca(confdir_of(args, file_options))), end="")
 
 
 def user_sets(args: argparse.Namespace, *names: str) -> bool:
@@ -132,13 +222,13 @@ def user_sets(args: argparse.Namespace, *names: str) -> bool:
     return any(extra.partition("=")[0].strip() in names for extra in args.set or [])
 
 
-def confdir_of(args: argparse.Namespace) -> str:
-    """The confdir given with --set confdir=..., else mitmproxy's default."""
+def confdir_of(args: argparse.Namespace, file_options: dict[str, Any]) -> str:
+    """The confdir given with --set confdir=..., else the config file's, else mitmproxy's."""
     for extra in reversed(args.set or []):
         name, _, value = extra.partition("=")
         if name.strip() == "confdir":
             return value
-    return DEFAULT_CONFDIR
+    return str(file_options.get("confdir") or DEFAULT_CONFDIR)
 
 
 def script_command(args: argparse.Namespace) -> int:
@@ -289,6 +379,37 @@ def detect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def password_command(args: argparse.Namespace) -> int:
+    """Store, check or delete the password that ntlm_password_keyring reads (never shows it)."""
+    command = f"password {args.action}"
+    entry = principal_of(args.user, args.domain)
+    if not split_principal(args.user, args.domain)[0]:
+        return fail(command, "--user is empty: give DOMAIN\\user")
+    try:
+        if args.action == "set":
+            password = read_password(f"Password for {entry}: ")
+            if password and sys.stdin.isatty() and \
+                    getpass.getpass("The same again: ") != password:
+                return fail(command, "the two passwords differ; nothing was stored")
+            if not password:
+                return fail(command, "no password given; nothing was stored")
+            store_password(entry, password)
+            del password
+            print(f"Stored the password of {entry} in the keyring ({backend_name()}). Use it "
+                  f"with --set ntlm_username='{entry}' --set ntlm_password_keyring=true")
+        elif args.action == "status":
+            if not has_password(entry):
+                return fail(command, f"no password for {entry} in the keyring "
+                            f"({backend_name()})")
+            print(f"A password for {entry} is stored in the keyring ({backend_name()}).")
+        else:
+            delete_password(entry)
+            print(f"Deleted the password of {entry} from the keyring ({backend_name()}).")
+    except (KeychainError, CredentialError) as e:
+        return fail(command, str(e))
+    return 0
+
+
 def import_command(args: argparse.Namespace) -> int:
     source = Path(args.config).expanduser()
     try:
@@ -338,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domain", default="", help="NTLM domain")
     p.add_argument("--password-file", help="file with the password (else prompt, or the "
                    f"{PASSWORD_ENV} environment variable)")
-    p.add_argument("--listen-host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3128)
+    p.add_argument("--config", metavar="FILE", help="config.yaml to use (mitmproxy and ntlm_* "
+                   "options; reloaded on SIGHUP). Default: the first of "
+                   + ", ".join(map(str, default_config_paths())) + " that exists")
+    p.add_argument("--listen-host", help="default: the config file's listen_host, or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: the config file's listen_port, or 3128")
     p.add_argument("--tool", default="mitmdump", choices=["mitmdump", "mitmweb", "mitmproxy"])
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="any further mitmproxy option (repeatable)")
@@ -377,6 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="after a rejection, go on with the "
                    "weaker dialects (each rejection is another failed logon)")
 
+    p = sub.add_parser("password", help="store, check or delete the password in the OS keyring "
+                       "(for ntlm_password_keyring)")
+    p.add_argument("action", choices=["set", "status", "delete"], help="set: store it (read "
+                   "without echo, or one line from stdin); status: say whether it is stored "
+                   "(never shows it); delete: remove it")
+    p.add_argument("--user", "-u", required=True, help="user name: DOMAIN\\user (as "
+                   "ntlm_username), or user@domain")
+    p.add_argument("--domain", "-d", default="", help="NTLM domain (as ntlm_domain)")
+
     p = sub.add_parser("import-cntlm", help="turn a cntlm.conf into a mitmproxy config.yaml")
     p.add_argument("config", help="the cntlm.conf to read")
     p.add_argument("-o", "--output", help="config.yaml to write (mode 0600; default: stdout)")
@@ -384,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     commands = {"start": start, "hash": hash_command, "detect": detect_command,
-                "import-cntlm": import_command, "script": script_command,
+                "import-cntlm": import_command, "password": password_command,
+                "script": script_command,
                 "configs": configs_command, "ca": ca_command}
     return commands[args.command](args)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
 
+from .keychain import KeychainError
+from .keychain import read_password as read_keychain_password
 from .userfile import FileRefused, decode_text, read_regular_file
 
 
@@ -33,11 +35,17 @@ class Credentials:
     nt_hash: bytes = field(repr=False)
     lm_hash: bytes = field(repr=False, default=b"\x00" * 16)
     kerberos_password: str | None = field(repr=False, default=None, compare=False)
+    winbind: bool = False  # NTLM by winbind's ntlm_auth with its cached credentials (no secret)
 
     @property
     def has_ntlm_secret(self) -> bool:
         """False for a Kerberos-only identity (a ticket cache or keytab, no password)."""
         return bool(self.nt_hash)
+
+    @property
+    def can_ntlm(self) -> bool:
+        """NTLM can be spoken as this identity: with its secret, or by winbind."""
+        return self.has_ntlm_secret or self.winbind
 
     @property
     def principal(self) -> str:
@@ -122,6 +130,12 @@ def read_secret_file(path: str, what: str = "ntlm_password_file") -> str:
     return lines[0]
 
 
+def principal_of(user: str, domain: str) -> str:
+    """`DOMAIN\\user` (or `user`) from the user and domain options, as Credentials.principal."""
+    name, dom = split_principal(user, domain)
+    return f"{dom}\\{name}" if dom else name
+
+
 def split_principal(user: str, domain: str) -> tuple[str, str]:
     """Accept `DOMAIN\\user` or `user@domain` in the user field; an explicit domain wins."""
     if "\\" in user:
@@ -178,6 +192,7 @@ class SecretSources:
     pass_nt: str = ""
     pass_lm: str = ""
     hashes: str = ""
+    keyring_entry: str = ""  # DOMAIN\\user to read from the OS keychain (ntlm_password_keyring)
 
     def given(self) -> list[str]:
         names = {
@@ -186,6 +201,7 @@ class SecretSources:
             "ntlm_password_file": self.password_file,
             "ntlm_pass_nt": self.pass_nt,
             "ntlm_hashes": self.hashes,
+            "ntlm_password_keyring": self.keyring_entry,
         }
         return [name for name, value in names.items() if value]
 
@@ -202,6 +218,11 @@ class SecretSources:
             return value
         if self.password_file:
             return read_secret_file(self.password_file)
+        if self.keyring_entry:
+            try:
+                return read_keychain_password(self.keyring_entry)
+            except KeychainError as e:
+                raise CredentialError(f"ntlm_password_keyring: {e}") from None
         return None
 
     def resolve(self) -> tuple[bytes, bytes, str | None]:
@@ -212,9 +233,9 @@ class SecretSources:
             raise CredentialError("ntlm_pass_lm needs ntlm_pass_nt as well")
         if not given:
             raise CredentialError(
-                "no NTLM secret: set one of ntlm_password_file, ntlm_password_env, "
-                "ntlm_pass_nt (as printed by `cntlm -H` / `mitm-ntlm hash`), ntlm_hashes "
-                "or ntlm_password"
+                "no NTLM secret: set one of ntlm_password_file, ntlm_password_keyring, "
+                "ntlm_password_env, ntlm_pass_nt (as printed by `cntlm -H` / `mitm-ntlm hash`), "
+                "ntlm_hashes or ntlm_password"
             )
         if len(given) > 1:
             raise CredentialError(f"set only one NTLM secret option, got: {', '.join(given)}")

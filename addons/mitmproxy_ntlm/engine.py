@@ -42,12 +42,13 @@ from enum import Enum
 
 from . import wire
 from .credentials import Credentials
-from .handshake import ChallengeError, NtlmHandshake
+from .handshake import ChallengeError, NtlmClientError, NtlmHandshake
 from .kerberos import KerberosHandshake, KerberosRejected
 from .policy import Attempt, AttemptsBusy, AuthUnavailable, UpstreamPolicy
 from .schemes import NoScheme, SchemeMode
 from .trace import HandshakeTrace
 from .untrusted import PAGE_LIMIT, shown
+from .winbind import WinbindHandshake
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -183,7 +184,7 @@ class AuthEngine:
         self._after_skip: Callable[[], list[Action]] | None = None
         self._waiting_for_request_end: Callable[[], list[Action]] | None = None
         self._challenge: bytes | None = None
-        self._handshake: NtlmHandshake | KerberosHandshake | None = None
+        self._handshake: NtlmHandshake | WinbindHandshake | KerberosHandshake | None = None
         self._reconnects = 0
         self._scheme_switches = 0  # per request: Kerberos -> NTLM, NTLM -> Negotiate
         # The lockout guard's slot for this logon (untried credentials), held until it ends.
@@ -475,13 +476,15 @@ class AuthEngine:
 
     def _send_leg3(self) -> list[Action]:
         assert self._req is not None and self._handshake is not None and self.trace
-        assert isinstance(self._handshake, NtlmHandshake)
+        assert isinstance(self._handshake, NtlmHandshake | WinbindHandshake)
         assert self._challenge is not None
         try:
             token = self._handshake.authenticate(self._challenge)
         except ChallengeError as e:
             return self._fail(f"The {self.target.name} {self.parent} sent an unusable NTLM "
                               f"challenge: {e}.")
+        except NtlmClientError as e:  # nothing was sent: not a failed logon
+            return self._fail(f"{e}.")
         self.trace.sent_type3(token)
         self.trace.sent(wire.set_header(self._req.raw, self.target.auth_header,
                                         f"{self.scheme} [Type 3 redacted: {self.trace.dialect}]"))
@@ -828,7 +831,7 @@ class AuthEngine:
                       f"{self._handshake.spn} (it offers {', '.join(schemes) or 'nothing'})")
             self.policy.chooser.kerberos_refused(self.parent, reason)
             log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, reason)
-            if self.creds.has_ntlm_secret and self._can_switch(schemes) and \
+            if self.creds.can_ntlm and self._can_switch(schemes) and \
                     self.policy.chooser.mode is SchemeMode.AUTO:
                 return self._switch_scheme(head, "Kerberos")
             self.trace.finish("rejected", logging.WARNING)

@@ -39,6 +39,11 @@ class ChallengeError(ValueError):
     """The parent's Type 2 challenge could not be used; the message says why."""
 
 
+class NtlmClientError(RuntimeError):
+    """The local NTLM client (winbind's ntlm_auth) made no message; the text says why and what
+    to do about it. Nothing was sent to the parent, so it is not a failed logon."""
+
+
 def quiet_spnego_logs() -> None:
     """pyspnego logs every token at DEBUG, Type 3 included: keep that out of any log."""
     logging.getLogger("spnego").setLevel(logging.INFO)

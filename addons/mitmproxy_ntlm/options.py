@@ -52,6 +52,10 @@ UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handsha
            "file is noticed within seconds (also after a lockout-guard stop)."),
     Option("ntlm_password_env", str, "",
            "Name of an environment variable holding the password."),
+    Option("ntlm_password_keyring", bool, False,
+           "Read the password for ntlm_username from the OS keychain (Secret Service, macOS "
+           "Keychain, Windows Credential Manager), stored there with `mitm-ntlm password set`; "
+           "read again on SIGHUP. Needs pip install 'mitmproxy-ntlm[keyring]'."),
     Option("ntlm_pass_nt", str, "",
            "PassNT hash exactly as printed by `cntlm -H` / `mitm-ntlm hash`."),
     Option("ntlm_pass_lm", str, "",
@@ -104,6 +108,11 @@ UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handsha
     Option("ntlm_kerberos_lifetime", int, 0,
            "Lifetime in seconds to ask for tickets obtained with a keytab or password (0: the "
            "KDC's default); they are renewed 5 minutes before they expire.", minimum=0),
+    Option("ntlm_winbind", bool, False,
+           "NTLM single sign-on on a domain-joined Linux machine: winbind's ntlm_auth answers "
+           "with the cached credentials of ntlm_username (default: the logged-on user); no "
+           "password in mitmproxy. Needs winbind with cached logons (pam_winbind cached_login, "
+           "or wbinfo --ccache-save)."),
     Option("ntlm_pool", bool, True,
            "Keep idle authenticated plain-http parent connections in a pool shared by all "
            "client connections, per parent and per user (never across users), so a new client "
@@ -133,6 +142,12 @@ UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handsha
            "Write the diagnostic report (command ntlm.report: versions, options without "
            "secrets, the last handshakes) to this file when mitmproxy stops, e.g. for mitmdump, "
            "which has no command line."),
+    Option("ntlm_config", str, "",
+           "A config.yaml (mitmproxy and ntlm_* options) applied at start and again on SIGHUP; "
+           "`mitm-ntlm start` sets it to the config file it found."),
+    Option("ntlm_config_keep", Sequence[str], [],
+           "Options ntlm_config does not change (`mitm-ntlm start` names its command-line "
+           "flags here: they win over the file)."),
 )
 ROUTING: tuple[Option, ...] = (  # ParentRouter
     Option("ntlm_parent", Sequence[str], [],
@@ -145,7 +160,13 @@ ROUTING: tuple[Option, ...] = (  # ParentRouter
            "comma-separated."),
     Option("ntlm_pac", str, "",
            "PAC file (path or URL) whose FindProxyForURL picks the parent per request in "
-           "regular/socks5 mode (PROXY a; PROXY b; DIRECT)."),
+           "regular/socks5 mode (PROXY a; PROXY b; DIRECT). 'auto': WPAD by DNS "
+           "(http://wpad.<domain>/wpad.dat), then the system's proxy settings (environment, "
+           "GNOME, KDE, macOS)."),
+    Option("ntlm_pac_refresh", int, 600,
+           "Seconds between fetches of the PAC file; it is also fetched when the network "
+           "changes and on SIGHUP. A failed fetch keeps the last good PAC. 0: no schedule.",
+           minimum=0),
     Option("ntlm_roaming", bool, False,
            "When no parent answers (laptop at home, VPN off), go direct; go through the parents "
            "again as soon as one answers."),

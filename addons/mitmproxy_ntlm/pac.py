@@ -1,15 +1,17 @@
 """PAC files (as Px uses them): `FindProxyForURL(url, host)` decides the parent per request.
 
 The JavaScript runs in pacparser (a maintained PAC engine with the standard helper functions:
-`shExpMatch`, `isInNet`, `dnsResolve`, ...). The file is read once per configuration and
-decisions are cached per scheme and host.
+`shExpMatch`, `isInNet`, `dnsResolve`, ...). The file is read at configuration and again
+by `pac_watch` (on a schedule, on network changes); decisions are cached per scheme and host.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import urllib.request
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import pacparser
 
@@ -27,15 +29,26 @@ class PacError(ValueError):
     pass
 
 
-def load_pac(location: str) -> str:
-    """The PAC script from a file path or an http(s) URL (fetched without any proxy)."""
+@dataclass(frozen=True)
+class Found:
+    """A PAC script and where it came from (for the log)."""
+    script: str
+    source: str
+
+
+def load_pac(location: str, timeout: float = 10) -> str:
+    """The PAC script from a file path or an http(s) URL (fetched without any proxy, at most
+    PAC_MAX_BYTES)."""
     if location.startswith(("http://", "https://")):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            with opener.open(location, timeout=10) as response:
-                return response.read().decode("utf-8", "replace")
-        except OSError as e:
+            with opener.open(location, timeout=timeout) as response:
+                data = response.read(PAC_MAX_BYTES + 1)
+        except (OSError, http.client.HTTPException) as e:
             raise PacError(f"ntlm_pac: cannot fetch {location}: {e}") from None
+        if len(data) > PAC_MAX_BYTES:
+            raise PacError(f"ntlm_pac: {location} is larger than {PAC_MAX_BYTES} bytes")
+        return data.decode("utf-8", "replace")
     try:
         data = read_regular_file(location, "ntlm_pac", limit=PAC_MAX_BYTES)
     except FileRefused as e:
@@ -73,6 +86,7 @@ class PacResolver:
         except Exception as e:
             pacparser.cleanup()
             raise PacError(f"ntlm_pac: the PAC script does not parse ({e})") from None
+        self.script = script
         self._cache: OrderedDict[tuple[str, str], list[ServerSpec | None]] = OrderedDict()
         self._cache_size = cache_size
 

@@ -15,21 +15,25 @@ a failed connect is seen; see `mitmproxy_internals.NtlmUpstreamProxy`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, Socks5Mode, UpstreamMode
 
-from . import mitmproxy_internals, options
-from .pac import PacError, PacResolver, load_pac
+from . import discovery, mitmproxy_internals, options
+from .pac import Found, PacError, PacResolver, load_pac
+from .pac_watch import PacWatcher
 from .parents import NoProxy, ParentList, ServerSpec, parse_parents
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-ROUTING_OPTIONS = {"ntlm_parent", "ntlm_noproxy", "ntlm_pac", "ntlm_roaming", "ntlm_parent_retry",
-                   "connection_strategy", "mode"}
+ROUTING_OPTIONS = {"ntlm_parent", "ntlm_noproxy", "ntlm_pac", "ntlm_pac_refresh", "ntlm_roaming",
+                   "ntlm_parent_retry", "connection_strategy", "mode"}
+PAC_AUTO = "auto"
 
 
 class ParentRouter:
@@ -41,6 +45,10 @@ class ParentRouter:
         self.pac: PacResolver | None = None
         self.roaming = False
         self._going_direct = False
+        self._pac_location = ""
+        self._pac_refresh = 0
+        self._pac_watch: PacWatcher | None = None
+        self._running = False
 
     def load(self, loader: Loader) -> None:
         options.declare(loader, options.ROUTING)
@@ -59,17 +67,10 @@ class ParentRouter:
         first = [(m.scheme, m.address) for m in upstream]
         self.parents = ParentList(first + [s for s in specs if s not in first],
                                   retry_after=float(opts.ntlm_parent_retry))
-        if self.pac is not None and "ntlm_pac" in updated:
-            self.pac.close()
-            self.pac = None
-        if opts.ntlm_pac and self.pac is None:
-            try:
-                self.pac = PacResolver(load_pac(opts.ntlm_pac))
-            except PacError as e:
-                raise exceptions.OptionsError(str(e)) from None
-            log.info("[ntlm] PAC file %s loaded", opts.ntlm_pac)
+        if updated & {"ntlm_pac", "ntlm_pac_refresh"}:
+            self._configure_pac(opts.ntlm_pac, opts.ntlm_pac_refresh, "ntlm_pac" in updated)
         self.roaming = opts.ntlm_roaming
-        routes = bool(specs or self.pac)
+        routes = bool(specs or self.pac or self._pac_location)
         if routes and self._routed_modes() and opts.connection_strategy != "lazy":
             raise exceptions.OptionsError(
                 "ntlm_parent/ntlm_pac need --set connection_strategy=lazy in regular and socks5 "
@@ -80,7 +81,95 @@ class ParentRouter:
             log.info("[ntlm] parents in failover order: %s",
                      ", ".join(f"{h}:{p}" for _, (h, p) in self.parents.specs))
 
+    def _configure_pac(self, location: str, refresh: int, changed: bool) -> None:
+        """Load an explicit PAC now (a bad one is refused at once); `auto` is discovered by the
+        watcher, which also fetches either again on its schedule. The same location set again
+        (SIGHUP) is fetched again in the background, keeping the current PAC if that fails."""
+        if (changed and self._pac_watch is not None and location == self._pac_location
+                and refresh == self._pac_refresh):
+            self._pac_watch.reload_now()
+            return
+        if self._pac_watch is not None:
+            self._pac_watch.stop()
+            self._pac_watch = None
+        if changed:
+            self._use_pac(None)
+            if location and location != PAC_AUTO:
+                try:
+                    self._use_pac(Found(load_pac(location), location))
+                except PacError as e:
+                    raise exceptions.OptionsError(str(e)) from None
+        self._pac_location, self._pac_refresh = location, refresh
+        if not location:
+            return
+        auto = location == PAC_AUTO
+        if auto:
+            def load() -> Found:
+                return discovery.discover(discovery.SystemProbe(is_own=self._is_own))
+        else:
+            def load() -> Found:
+                return Found(load_pac(location), location)
+        self._pac_watch = PacWatcher(location, load, self._use_pac, refresh, fetch_at_start=auto)
+        if self.pac is not None:
+            self._pac_watch.known(self.pac.script)
+        if self._running:
+            self._pac_watch.start()
+
+    def _use_pac(self, found: Found | None) -> None:
+        """Switch to this PAC (None: none); pacparser holds one script, so the old one is
+        closed first and restored if the new one does not parse."""
+        old = self.pac
+        if old is not None:
+            old.close()
+            self.pac = None
+        if found is None:
+            return
+        try:
+            self.pac = PacResolver(found.script)
+        except PacError:
+            if old is not None:
+                self.pac = PacResolver(old.script)
+            raise
+        log.info("[ntlm] PAC file loaded from %s", found.source)
+
+    def reload_pac(self) -> None:
+        """Fetch the PAC again now (e.g. on SIGHUP), in the background."""
+        if self._pac_watch is not None:
+            self._pac_watch.reload_now()
+
+    def _is_own(self, host: str, port: int) -> bool:
+        """Whether host:port is this mitmproxy (a discovered proxy must not loop back to us)."""
+        if port not in self._own_ports():
+            return False
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return host.lower() in ("localhost", socket.gethostname().lower(),
+                                    str(ctx.options.listen_host).lower())
+        return address.is_loopback or address.is_unspecified or str(address) == str(
+            ctx.options.listen_host)
+
+    @staticmethod
+    def _own_ports() -> set[int]:
+        """The ports mitmproxy listens on: configured, and bound (`-p 0` picks one)."""
+        listen_port = ctx.options.listen_port  # None: each mode's default; 0: any free one
+        ports = {m.custom_listen_port or (m.default_port if listen_port is None else listen_port)
+                 for m in map(ProxyMode.parse, ctx.options.mode)}
+        server = ctx.master.addons.get("proxyserver")
+        if server is not None:
+            ports.update(addr[1] for addr in server.listen_addrs())
+        return ports
+
+    def running(self) -> None:
+        self._running = True
+        if self._pac_watch is not None:
+            self._pac_watch.start()
+
     def done(self) -> None:
+        self._running = False
+        if self._pac_watch is not None:
+            self._pac_watch.stop()
+            self._pac_watch = None
         if self.pac is not None:
             self.pac.close()
             self.pac = None
@@ -94,7 +183,7 @@ class ParentRouter:
     def idle_hooks(self) -> set[str]:
         """No routing (no ntlm_parent or ntlm_pac in regular or socks5 mode): no hook to run
         (see script.AddonGroup)."""
-        if (self.parents.specs or self.pac) and self._routed_modes():
+        if (self.parents.specs or self.pac or self._pac_location) and self._routed_modes():
             return set()
         return {"requestheaders", "http_connect", "next_layer"}
 

@@ -16,8 +16,9 @@ from enum import StrEnum
 
 from .bounded import bounded_set
 from .credentials import Credentials
-from .handshake import Dialect, NtlmHandshake
+from .handshake import Dialect, NtlmClientError, NtlmHandshake
 from .kerberos import KerberosHandshake, KerberosRejected, KerberosTickets, KerberosUnavailable
+from .winbind import WinbindHandshake, WinbindHelpers
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -37,7 +38,7 @@ class NoScheme(Exception):
 
 @dataclass
 class Choice:
-    handshake: NtlmHandshake | KerberosHandshake
+    handshake: NtlmHandshake | WinbindHandshake | KerberosHandshake
     header: str  # the scheme word in the Authorization header: "NTLM" or "Negotiate"
     why: str
 
@@ -58,6 +59,7 @@ class SchemeChooser:
         self.offers: OrderedDict[str, list[str]] = OrderedDict()
         self._refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._last: OrderedDict[str, str] = OrderedDict()
+        self.winbind_helpers = WinbindHelpers()  # ntlm_auth processes of winbind identities
 
     def learn(self, peer: str, offered: list[str]) -> None:
         """Record the schemes of a bare challenge (one that carries no token)."""
@@ -102,20 +104,32 @@ class SchemeChooser:
             if self.mode is SchemeMode.KERBEROS:
                 raise NoScheme(f"ntlm_scheme is kerberos, but Kerberos cannot be used with the "
                                f"{what} {peer}: {kerberos_why}.")
-        if not creds.has_ntlm_secret:
+        if not creds.can_ntlm:
             raise NoScheme(f"Kerberos cannot be used with the {what} {peer} ({kerberos_why}) and "
                            f"there is no NTLM password or hash to fall back on.")
         header = "NTLM"
         if offered is not None and not _has(offered, "NTLM") and _has(offered, "Negotiate"):
             header = "Negotiate"
         inside = " inside Negotiate" if header == "Negotiate" else ""
+        inside += " by winbind" if creds.winbind else ""
         if self.mode is SchemeMode.NTLM:
             why = f"NTLM{inside}: ntlm_scheme is ntlm; {offers_text}"
         else:
             why = f"NTLM{inside}: Kerberos not used ({kerberos_why}); {offers_text}"
-        choice = Choice(NtlmHandshake(creds, self.dialect, peer_host, header), header, why)
+        choice = Choice(self._ntlm(creds, peer_host, header), header, why)
         self._log(peer, choice)
         return choice
+
+    def _ntlm(self, creds: Credentials, peer_host: str,
+              header: str) -> NtlmHandshake | WinbindHandshake:
+        if not creds.winbind:
+            return NtlmHandshake(creds, self.dialect, peer_host, header)
+        try:
+            handshake = WinbindHandshake(creds, self.winbind_helpers, peer_host, header)
+            handshake.negotiate()  # the Type 1 now, so a missing helper is a clear NoScheme
+        except NtlmClientError as e:
+            raise NoScheme(str(e)) from None
+        return handshake
 
     def _kerberos(self, creds: Credentials, peer_host: str, multiuser: bool,
                   offers_text: str) -> Choice:

@@ -33,10 +33,13 @@ def file_signature(path: str) -> tuple[int, ...] | None:
 
 class SecretReloader:
     """Calls `reload(reason, by_user)` when the watched file changes (by_user False) or on
-    SIGHUP (by_user True: the user asks for a fresh start, as with ntlm.reset)."""
+    SIGHUP (by_user True: the user asks for a fresh start, as with ntlm.reset); `on_hangup`,
+    when given, is called on SIGHUP instead (it reloads more than the secret)."""
 
-    def __init__(self, reload: Callable[[str, bool], None]) -> None:
+    def __init__(self, reload: Callable[[str, bool], None],
+                 on_hangup: Callable[[], None] | None = None) -> None:
         self._reload = reload
+        self._on_hangup = on_hangup or (lambda: self._reload("SIGHUP", True))
         self._path = ""
         self._seen: tuple[int, ...] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -54,7 +57,13 @@ class SecretReloader:
         if SIGHUP is not None:
             self._previous_handler = signal.getsignal(SIGHUP)
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(SIGHUP, self._reload, "SIGHUP", True)
+                self._loop.add_signal_handler(SIGHUP, self._hangup)
+
+    def _hangup(self) -> None:
+        try:
+            self._on_hangup()
+        except Exception:  # a failed reload must not end the proxy (the next SIGHUP retries)
+            log.exception("[ntlm] reloading on SIGHUP failed")
 
     def stop(self) -> None:
         if self._task is not None:

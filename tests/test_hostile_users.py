@@ -320,6 +320,6 @@ def test_engine_waits_for_a_slot_then_logs_on_or_refuses() -> None:
     assert [type(a) for a in waiting] == [eng.StartTimer]
     third._wait_until = 0.0  # the handshake timeout has passed
     refused = third.timed_out(third.generation)
-    assert any(isinstance(a, eng.ToChild) and b"407" in a.data and b"at most 1 logons" in a.data
-               for a in refused)
+    assert any(isinstance(a, eng.ToChild) and b"407" in a.data
+               and b"at most 1 logon at a time" in a.data for a in refused)
     assert policy.guard.in_flight("alice") == 1  # the second engine's logon

@@ -75,13 +75,6 @@ class ClientLogins:
         self.workstation = workstation
         self.keep_passwords = keep_passwords  # for Kerberos tickets per user
 
-    def challenge(self, flow: http.HTTPFlow, reason: str) -> None:
-        """Answer with 407 + Basic challenge so browsers and tools prompt."""
-        status, headers = self.policy.failure_response()
-        flow.response = http.Response.make(
-            status, reason.rstrip("\n") + "\n", {"Content-Type": "text/plain", **headers}
-        )
-
     def authenticate(self, flow: http.HTTPFlow) -> str | None:
         """Pin the flow's client to its Basic identity; an error text when that fails."""
         header = flow.request.headers.pop("Proxy-Authorization", None)

@@ -226,11 +226,11 @@ class UpstreamPolicy:
         attempt = self.guard.try_reserve(creds.principal)
         if attempt is None:
             raise AttemptsBusy(
-                f"mitmproxy-ntlm sends at most {self.guard.limit} logons at a time for "
-                f"{creds.principal} (ntlm_max_failures) until the parent accepts one, and "
-                f"{self.guard.failures(creds.principal)} rejections plus "
-                f"{self.guard.in_flight(creds.principal)} logons in progress for this account "
-                f"use them all."
+                f"mitmproxy-ntlm sends at most {_count(self.guard.limit, 'logon')} at a time "
+                f"for {creds.principal} (ntlm_max_failures) until the parent accepts one, and "
+                f"{_count(self.guard.failures(creds.principal), 'rejection')} plus "
+                f"{_count(self.guard.in_flight(creds.principal), 'logon')} in progress for this "
+                f"account use them all."
             )
         return attempt
 
@@ -326,3 +326,8 @@ class UpstreamPolicy:
         if key is not None:
             self.rejected[key] = text
         return text
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 logon`, `3 logons`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

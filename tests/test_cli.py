@@ -369,3 +369,30 @@ def test_imported_allow_deny_rules_admit_the_same_clients(tmp_path: Path, parent
         for source, ok in (("127.0.0.1", True), ("127.0.0.2", False), ("127.0.0.3", True)):
             c = curl("--interface", source, "-x", m.url, f"{origin.url}/hello")
             assert (c.stdout == "hello") is ok, (source, c.stderr, m.output[-2000:])
+
+
+@pytest.mark.parametrize("identity", [
+    ["--set", "ntlm_multiuser=true"],  # each client's own credentials
+    ["--user", f"{TEST_DOMAIN}\\{TEST_USER}", "--set", "ntlm_winbind=true"],  # winbind's logon
+    ["--user", f"{TEST_DOMAIN}\\{TEST_USER}", "--set", "ntlm_password_keyring=true"],
+], ids=["multiuser", "winbind", "keyring"])
+def test_start_asks_no_password_where_the_identity_needs_none(tmp_path: Path,
+                                                              identity: list[str]) -> None:
+    """`start --parent` needs no --user in multi-user mode, and asks for no password (nor
+    passes one) when another source gives the identity: the addon would refuse two."""
+    port = free_port()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    env.pop("MITM_NTLM_PASSWORD", None)
+    proc = subprocess.Popen([CLI, "start", "--parent", "http://127.0.0.1:9", "--port", str(port),
+                             "--set", f"confdir={tmp_path}", *identity],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        out, _ = proc.communicate(timeout=8)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "Password for" not in out and "--user is required" not in out, out
+    assert "ntlm_password_env" not in out and "only one" not in out, out
+    if identity[-1] != "ntlm_password_keyring=true":  # no keyring runs here: refused, clearly
+        assert "listening at" in out, out

@@ -65,7 +65,34 @@ def mitm_tool(tool: str) -> str:
 
 SECRET_OPTIONS = ("ntlm_password_file", "ntlm_password_env", "ntlm_pass_nt", "ntlm_hashes",
                   "ntlm_password", "ntlm_password_keyring")
-"""Config-file options that give the password: with one of them set, `start` does not ask."""
+"""Options that give the password: with one of them set (file or --set), `start` does not ask."""
+NO_PASSWORD_OPTIONS = ("ntlm_multiuser", "ntlm_winbind", "ntlm_kerberos_ccache",
+                       "ntlm_kerberos_keytab")
+"""Options under which the identity needs no password from `start`: the clients' own (multi-user),
+winbind's cached logon, or Kerberos tickets."""
+
+
+def chosen_options(args: argparse.Namespace, file_options: dict[str, Any]) -> dict[str, Any]:
+    """The config file's options with the --set ones over them (values as given)."""
+    chosen = dict(file_options)
+    for extra in args.set or []:
+        name, _, value = extra.partition("=")
+        chosen[name.strip()] = value
+    return chosen
+
+
+def _is_set(value: Any) -> bool:
+    return bool(value) and str(value).strip().lower() not in ("false", "0", "no", "off")
+
+
+def password_needed(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
+    """Whether `start` must ask for the password (and pass it in its environment)."""
+    chosen = chosen_options(args, file_options)
+    if args.password_file or any(_is_set(chosen.get(n)) for n in SECRET_OPTIONS):
+        return False
+    if any(_is_set(chosen.get(n)) for n in NO_PASSWORD_OPTIONS):
+        return False
+    return str(chosen.get("ntlm_scheme", "")).strip().lower() != "kerberos"
 
 
 def build_command(args: argparse.Namespace, parent_url: str | None, host: str, port: int,
@@ -101,7 +128,7 @@ def build_command(args: argparse.Namespace, parent_url: str | None, host: str, p
     if args.password_file:
         settings.append(("ntlm_password_file", str(Path(args.password_file).expanduser()
                                                    .absolute())))
-    elif args.user and not any(file_options.get(name) for name in SECRET_OPTIONS):
+    elif args.user and password_needed(args, file_options):
         settings.append(("ntlm_password_env", PASSWORD_ENV))
     if any(name in SECRET_OPTIONS for name, _ in settings):
         pinned += [*SECRET_OPTIONS, "ntlm_pass_lm"]  # this secret only: the file's are ignored
@@ -146,15 +173,19 @@ def start(args: argparse.Namespace) -> int:
               f"--config FILE names one).")
     parent_url = args.parent
     if args.parent or config is not None:
-        if args.parent and not args.user and not file_options.get("ntlm_username"):
-            print("mitm-ntlm: --user is required with --parent", file=sys.stderr)
+        chosen = chosen_options(args, file_options)
+        if args.parent and not args.user and not chosen.get("ntlm_username") \
+                and password_needed(args, file_options):
+            print("mitm-ntlm: --user is required with --parent (or a config file or --set "
+                  "giving ntlm_username, ntlm_multiuser, ntlm_winbind or a Kerberos ticket "
+                  "source)", file=sys.stderr)
             return 2
         if args.password_file:
             try:
                 read_secret_file(args.password_file, "--password-file")  # fail before starting
             except CredentialError as e:
                 return fail("start", str(e))
-        elif args.user and not any(file_options.get(name) for name in SECRET_OPTIONS):
+        elif args.user and password_needed(args, file_options):
             env[PASSWORD_ENV] = env.get(PASSWORD_ENV) or getpass.getpass(
                 f"Password for {args.user}: ")
     else:

@@ -1,4 +1,4 @@
-"""The only module that touches mitmproxy internals: the layer that talks to the parent proxy.
+"""The one module that patches mitmproxy: the layer that talks to the parent proxy.
 
 mitmproxy has no public hook that sees the parent's 407, and NTLM must answer it on the same
 connection. `HttpUpstreamProxy` (a private tunnel layer) builds every connection to the parent,

@@ -3,14 +3,15 @@
 For every event (several per request) mitmproxy walks each addon of a script (script loader,
 script, module, the module's `addons`, ...) and asks each one for the hook by name. That walk
 is a per-request cost that bench/instructions.py counts, so it is kept short:
-- the four addons sit behind one `AddonGroup`, whose hooks and commands are written into the
+- the addon's parts sit behind one `AddonGroup`, whose hooks and commands are written into the
   script module itself, with an empty `addons`: the walk stops at the module;
 - the module answers every hook name (None for hooks nobody has): a name a module lacks costs
   CPython three formatted AttributeErrors per lookup; except the deprecated `add_log`, whose
   mere presence makes mitmproxy print a deprecation warning at every start;
 - a hook a part does not need under the current options (`idle_hooks`, asked after every
   `configure`) is not offered at all, since each hook call costs mitmproxy more than most
-  of our hooks do.
+  of our hooks do (`requestheaders` and `http_connect` always run: they drop the client's
+  proxy credentials from every request).
 """
 
 from __future__ import annotations

@@ -247,9 +247,7 @@ class NtlmUpstreamAuth:
 
     def _configure_multiuser(self) -> None:
         opts = ctx.options
-        given = [name for name in ("ntlm_username", "ntlm_password", "ntlm_password_env",
-                                   "ntlm_password_file", "ntlm_password_keyring", "ntlm_pass_nt",
-                                   "ntlm_hashes", "ntlm_winbind")
+        given = [name for name in ("ntlm_username", *options.SECRET_SOURCES, "ntlm_winbind")
                  if getattr(opts, name)]
         if given:
             raise exceptions.OptionsError(
@@ -273,9 +271,7 @@ class NtlmUpstreamAuth:
         """NTLM by winbind's ntlm_auth with the cached credentials: no secret option may be
         set (it would not be used), and ntlm_auth must be there."""
         opts = ctx.options
-        given = [name for name in ("ntlm_password", "ntlm_password_env", "ntlm_password_file",
-                                   "ntlm_password_keyring", "ntlm_pass_nt", "ntlm_hashes")
-                 if getattr(opts, name, "")]
+        given = [name for name in options.SECRET_SOURCES if getattr(opts, name, "")]
         if given:
             raise exceptions.OptionsError(
                 f"mitmproxy-ntlm: ntlm_winbind takes the password from winbind's cache; remove "

@@ -30,6 +30,7 @@ from typing import Any
 
 from mitmproxy import exceptions
 
+from . import options
 from .cntlm_import import cntlm_hashes, cntlm_hex, convert, hash_lines, yaml_scalar
 from .config_file import default_config_paths, find_config, read_config
 from .credentials import (
@@ -63,8 +64,7 @@ def mitm_tool(tool: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(tool) or tool)
 
 
-SECRET_OPTIONS = ("ntlm_password_file", "ntlm_password_env", "ntlm_pass_nt", "ntlm_hashes",
-                  "ntlm_password", "ntlm_password_keyring")
+SECRET_OPTIONS = options.SECRET_SOURCES
 """Options that give the password: with one of them set (file or --set), `start` does not ask."""
 NO_PASSWORD_OPTIONS = ("ntlm_multiuser", "ntlm_winbind", "ntlm_kerberos_ccache",
                        "ntlm_kerberos_keytab")
@@ -131,7 +131,7 @@ def build_command(args: argparse.Namespace, parent_url: str | None, host: str, p
     elif args.user and password_needed(args, file_options):
         settings.append(("ntlm_password_env", PASSWORD_ENV))
     if any(name in SECRET_OPTIONS for name, _ in settings):
-        pinned += [*SECRET_OPTIONS, "ntlm_pass_lm"]  # this secret only: the file's are ignored
+        pinned += list(SECRET_OPTIONS)  # this secret only: the file's are ignored
     if "confdir" in file_options and not user_sets(args, "confdir"):
         settings.append(("confdir", str(file_options["confdir"])))  # read before any addon
     for name, value in settings:

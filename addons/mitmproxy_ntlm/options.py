@@ -25,6 +25,9 @@ from .schemes import SchemeMode
 PREFIX = "ntlm_"
 SECRET = ("ntlm_password", "ntlm_pass_nt", "ntlm_pass_lm", "ntlm_hashes")
 """Values never repeated in a message (a password, or a hash that is as good as one)."""
+SECRET_SOURCES = ("ntlm_password", "ntlm_password_env", "ntlm_password_file",
+                  "ntlm_password_keyring", "ntlm_pass_nt", "ntlm_pass_lm", "ntlm_hashes")
+"""Options that give the NTLM secret; exactly one is used."""
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,25 @@ def test_parent_failures_are_the_answer_to_the_connect(mitm, make_parent, tls_or
                                      basic("CORP\\alice", "Alice-Pass-1"))
     client.close()
     assert answer == status and text in body
+
+
+def test_bytes_sent_before_the_answer_are_bounded(mitm, make_parent, tls_origin) -> None:
+    """A client streaming after its CONNECT while the parent is silent is cut off, not
+    buffered until the handshake times out."""
+    parent = make_parent(users=USERS, fault="never_answer")
+    m = mitm(parent.url, {**MULTI, "ntlm_handshake_timeout": 60})
+    client = ConnectClient(m.url)
+    target = f"127.0.0.1:{tls_origin.port}"
+    credentials = basic("CORP\\alice", "bogus")
+    client.sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+                        f"Proxy-Authorization: {credentials}\r\n\r\n".encode())
+    chunk = b"x" * 16384
+    try:
+        for _ in range(64):  # 1 MiB
+            client.sock.sendall(chunk)
+        answer = client.sock.recv(65536)  # closed long before the 60 s handshake timeout
+    except ConnectionError:
+        answer = b""
+    client.close()
+    assert answer == b"", answer
+    assert m.wait_for("before its CONNECT was answered: connection closed"), m.output[-2000:]

@@ -96,6 +96,14 @@ def test_account_ignores_case_and_domain_spelling() -> None:
     assert account_of("CORP\\bob") != account_of("CORP\\alice")
 
 
+def test_account_ignores_width_and_accents() -> None:
+    """AD compares sAMAccountName ignoring width (and likely accents): one count for all."""
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in "alice")
+    spellings = [f"CORP\\{fullwidth}", "alíce@corp", "CORP\\ÀLICE", "CORP\\ali\u0301ce"]
+    assert {account_of(s) for s in spellings} == {"alice"}
+    assert account_of("CORP\\bob") != account_of("CORP\\alice")
+
+
 def test_guard_counts_per_account_and_bounds_attempts_in_flight() -> None:
     clock = FakeClock()
     guard = LockoutGuard(3, cooldown=300, clock=clock)
@@ -129,7 +137,43 @@ def test_guard_memory_is_bounded_for_endless_bogus_users() -> None:
     for i in range(5_000):
         guard.rejected(f"CORP\\bogus-{i}-" + "x" * 200)
     assert len(guard._failures) <= 500 and guard._failures.bytes <= 4 << 20
-    assert guard.failures("CORP\\bogus-4999-" + "x" * 200) == 1
+    assert guard.failures("CORP\\bogus-0-" + "x" * 200) == 1  # counts are kept, not evicted
+
+
+def test_full_guard_refuses_new_accounts_instead_of_forgetting_counts() -> None:
+    """Bogus accounts flooding the guard must not erase alice's failures or block: when the
+    guard is full, accounts it does not count yet get no logon until counts expire."""
+    clock = FakeClock()
+    policy = UpstreamPolicy(creds=None, multiuser=True,
+                            guard=LockoutGuard(3, cooldown=300, max_accounts=4, clock=clock))
+    guard = policy.guard
+    alice = client_credentials("CORP\\alice", "wrong", "CORP", "WS")
+    for _ in range(3):
+        policy.attempt_ended(policy.attempt(alice))
+        guard.rejected("CORP\\alice")
+    assert guard.blocked("CORP\\alice")
+    clock.now += 100
+    in_flight = []
+    for i in range(3):  # fill the guard: two counted, one still in flight
+        bogus = client_credentials(f"CORP\\bogus{i}", "x", "CORP", "WS")
+        in_flight.append(policy.attempt(bogus))
+        if i < 2:
+            policy.rejected_by_parent(bogus, "parent:3128")
+            policy.attempt_ended(in_flight.pop())
+    with pytest.raises(AttemptsBusy, match="until some of those counts expire"):
+        policy.attempt(client_credentials("CORP\\bogus9", "x", "CORP", "WS"))
+    assert guard.blocked("CORP\\alice") and guard.failures("alice") == 3
+    policy.rejected_by_parent(client_credentials("CORP\\bogus2", "x", "CORP", "WS"), "p")
+    policy.attempt_ended(in_flight.pop())
+    guard.rejected("CORP\\fixed")  # a logon that held no slot: not counted, nothing evicted
+    assert guard.blocked("CORP\\alice") and guard.failures("alice") == 3
+    assert guard.failures("bogus2") == 1 and guard.failures("fixed") == 0
+    bob = client_credentials("CORP\\bob", "pw", "CORP", "WS")
+    with pytest.raises(AttemptsBusy):
+        policy.attempt(bob)
+    clock.now += 201  # alice's block and count expire with age, then there is room again
+    assert not guard.blocked("CORP\\alice")
+    assert policy.attempt(bob) is not None
 
 
 def test_policy_needs_no_slot_for_credentials_the_parent_accepted() -> None:
@@ -323,3 +367,28 @@ def test_engine_waits_for_a_slot_then_logs_on_or_refuses() -> None:
     assert any(isinstance(a, eng.ToChild) and b"407" in a.data
                and b"at most 1 logon at a time" in a.data for a in refused)
     assert policy.guard.in_flight("alice") == 1  # the second engine's logon
+
+
+def test_engine_refuses_to_hold_a_body_beyond_the_replay_limit_while_waiting() -> None:
+    """A request waiting for a slot holds its body in memory: past ntlm_replay_limit it gets
+    a 413 that says why, instead of buffering whatever the client sends."""
+    from mitmproxy_ntlm import engine as eng
+
+    policy = UpstreamPolicy(creds=None, multiuser=True, guard=LockoutGuard(1, cooldown=300),
+                            handshake_timeout=5, replay_limit=1000)
+    for client in ("c1", "c2"):
+        policy.identities[client] = client_credentials("CORP\\alice", f"pw-{client}", "CORP",
+                                                       "WS")
+    first, second = (eng.AuthEngine(policy, "parent:3128", c, "example.invalid", client_id=c)
+                     for c in ("c1", "c2"))
+    get = b"GET http://example.invalid/ HTTP/1.1\r\nHost: example.invalid\r\n\r\n"
+    assert any(isinstance(a, eng.ToParent) for a in first.from_child(get))  # takes the slot
+    post = (b"POST http://example.invalid/ HTTP/1.1\r\nHost: example.invalid\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    assert [type(a) for a in second.from_child(post + b"x" * 600)] == [eng.StartTimer]
+    refused = second.from_child(b"x" * 600)
+    assert any(isinstance(a, eng.ToChild) and a.data.startswith(b"HTTP/1.1 413")
+               and b"ntlm_replay_limit" in a.data for a in refused)
+    assert any(isinstance(a, eng.CloseParent) for a in refused)
+    assert second.from_child(b"x" * 50_000) == []  # nothing more is held
+    assert second._replay is not None and len(second._replay) <= 1000

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -70,6 +72,29 @@ def test_rejected_logon_passes_the_servers_401_once(mitm, intranet, tmp_path):
     assert (intranet.counts["accepted"], intranet.counts["rejected"]) == (0, 1)  # no retry loop
     assert m.wait_for("the server rejected the credentials for CORP\\alice")
     assert "not-the-password" not in m.output
+
+
+def test_parallel_connections_with_a_wrong_password_cost_at_most_the_limit(mitm, intranet,
+                                                                           tmp_path):
+    """A browser opens several connections to the site at once: the logons beyond
+    ntlm_max_failures wait for the first verdicts, then pass the server's 401 on."""
+    creds = tmp_path / "intranet-creds"
+    creds.write_text(f"{TEST_PRINCIPAL}\nnot-the-password\n")
+    creds.chmod(0o600)
+    m = mitm(None, {**CREDS, "ntlm_origin_hosts": "127.0.0.1", "ntlm_max_failures": 2,
+                    "ntlm_origin_credentials": f"127.0.0.*={creds}"}, env=ENV)
+    barrier = threading.Barrier(6)
+
+    def fetch(_: int) -> int:
+        with httpx.Client(proxy=m.url, timeout=20) as client:
+            barrier.wait()
+            return client.get(f"{intranet.url}/hello").status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(fetch, range(6)))
+    assert statuses == [401] * 6
+    assert intranet.counts["accepted"] == 0
+    assert intranet.counts["rejected"] <= 2, intranet.counts
 
 
 def test_unlisted_hosts_get_no_credentials(mitm, intranet):

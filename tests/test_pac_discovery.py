@@ -339,3 +339,133 @@ def test_sighup_fetches_the_pac_again_without_a_schedule(mitm, parent, origin, t
     assert _seen_times(m, f"PAC file loaded from {pac}", 2)
     assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
     assert [x.user for x in parent.requests] == [TEST_PRINCIPAL]
+
+
+# --- untrusted PAC scripts -------------------------------------------------------------------
+
+LOOPING_PACS = ["for(;;){}\n" + pac_text("DIRECT"),
+                'function FindProxyForURL(url, host) { for(;;){} return "DIRECT"; }\n']
+
+
+@pytest.mark.parametrize("script", LOOPING_PACS)
+def test_a_pac_that_never_finishes_is_refused_by_the_test_evaluation(script):
+    from mitmproxy_ntlm.pac import check_pac
+    check_pac(pac_text("PROXY a:1; DIRECT"))  # a good one passes
+    with pytest.raises(PacError, match="did not finish within 1 s"):
+        check_pac(script, timeout=1)
+
+
+def test_a_looping_pac_keeps_the_last_good_one_and_the_proxy_serving(mitm, parent, origin,
+                                                                   pac_server):
+    pac_server.body = pac_text(f"PROXY {parent.url.removeprefix('http://')}")
+    m = mitm(None, {**CREDS, "ntlm_pac": pac_server.url, "ntlm_pac_refresh": 1}, env=ENV)
+    pac_server.body = LOOPING_PACS[0]
+    assert m.wait_for("did not finish within", 15)
+    assert curl("-x", m.url, f"{origin.url}/hello", timeout=20).stdout == "hello"
+    assert [x.user for x in parent.requests] == [TEST_PRINCIPAL]  # the last good PAC
+
+
+class ConnectionRecorder:
+    """A loopback listener that counts the connections it gets (and answers none)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+
+def test_a_pac_naming_a_proxy_not_allowed_gets_it_no_connection(mitm, parent, origin,
+                                                                 pac_server):
+    recorder = ConnectionRecorder()
+    try:
+        pac_server.body = pac_text(f"PROXY localhost:{recorder.port}; "
+                                   f"PROXY {parent.url.removeprefix('http://')}")
+        m = mitm(None, {**CREDS, "ntlm_pac": pac_server.url, "ntlm_pac_parents": "127.0.0.1"},
+                 env=ENV)
+        assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
+        assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
+        assert recorder.accepted == 0
+        assert [x.user for x in parent.requests] == [TEST_PRINCIPAL] * 2  # allowed: used
+        assert m.output.count(f"the PAC names the proxy 'localhost:{recorder.port}', which is "
+                              f"not an allowed parent (ntlm_pac_parents): skipped") == 1
+    finally:
+        recorder.sock.close()
+
+
+def test_a_wpad_pac_may_only_name_the_configured_parents():
+    """WPAD can be answered by anyone on the LAN: by default its PAC picks among ntlm_parent
+    only, anything else is skipped (and DIRECT if nothing is left); a PAC the user configured
+    may name any parent but this mitmproxy."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons
+
+    from mitmproxy_ntlm.routing import ParentRouter
+
+    router = ParentRouter()
+    with taddons.context(Proxyserver(), router) as tctx:
+        tctx.configure(router, ntlm_parent=["proxy.corp.test:8080"], listen_port=8080,
+                       connection_strategy="lazy")
+        wpad = pac_text("PROXY evil.test:3128; PROXY proxy.corp.test:8080; DIRECT")
+        router._use_pac(Found(wpad, "WPAD http://wpad.corp.test/wpad.dat", spoofable=True))
+        assert router.choose("http", "example.com", 80) == ("http", ("proxy.corp.test", 8080))
+        router._use_pac(Found(pac_text("PROXY evil.test:3128"), "WPAD", spoofable=True))
+        assert router.choose("http", "example.org", 80) is None
+        assert ("http", ("evil.test", 3128)) not in router.parents.specs
+        tctx.configure(router, ntlm_pac_parents=["*.test", "localhost"])
+        assert router.choose("http", "example.org", 80) == ("http", ("evil.test", 3128))
+        router._use_pac(Found(pac_text("PROXY localhost:8080; PROXY other.test:1"), "file"))
+        assert router.choose("http", "example.net", 80) == ("http", ("other.test", 1))
+        assert ("http", ("evil.test", 3128)) not in router.parents.specs  # forgotten
+        router.done()
+
+
+def test_parents_a_pac_names_are_capped_and_forgotten():
+    from mitmproxy_ntlm.parents import LEARNED_MAX, ParentList
+
+    parents = ParentList([("http", ("static", 1))])
+    for port in range(LEARNED_MAX + 5):
+        parents.remember(("http", ("learned", port)))
+    assert len(parents.specs) == 1 + LEARNED_MAX
+    assert ("http", ("learned", 0)) not in parents.specs  # the oldest left first
+    parents.forget_learned()
+    assert parents.specs == [("http", ("static", 1))]
+
+
+def test_a_pac_server_that_drips_its_file_is_given_up_at_the_deadline():
+    """The socket timeout bounds each read only: a byte every 0.1 s must not keep the fetch
+    going past its total time limit."""
+    from mitmproxy_ntlm.pac import load_pac
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pac_text("DIRECT").encode()[:40]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(PacError, match="took too long"):
+            load_pac(f"http://127.0.0.1:{server.server_address[1]}/proxy.pac", timeout=1)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -131,6 +131,37 @@ def test_single_user_refuses_to_listen_beyond_loopback(listen_host):
         tctx.configure(access, **single, ntlm_multiuser=False, listen_host="127.0.0.1")
 
 
+def test_winbind_without_a_user_name_refuses_to_listen_beyond_loopback(mitm):
+    """Winbind lends the logged-on user's identity to every client, like ntlm_username."""
+    m = mitm(None, {"ntlm_winbind": True}, "--listen-host", "0.0.0.0", expect_failure=True)
+    assert m.proc is not None and m.proc.wait(10) != 0
+    assert "refuses to listen on 0.0.0.0" in m.output
+    assert "--listen-host 127.0.0.1" in m.output and "ntlm_allow_remote" in m.output
+
+
+@pytest.mark.parametrize("identity", [
+    {"ntlm_winbind": True},
+    {"ntlm_kerberos_ccache": "FILE:/nonexistent/krb5cc"},
+    {"ntlm_kerberos_keytab": "client.keytab"},
+    {"ntlm_scheme": "kerberos"},
+])
+def test_identity_without_a_user_name_is_single_user(identity, tmp_path):
+    """Kerberos and winbind lend an identity without ntlm_username: single-user all the same."""
+    if "ntlm_kerberos_keytab" in identity:
+        keytab = tmp_path / "client.keytab"
+        keytab.write_bytes(b"\x05\x02")  # an empty keytab
+        identity = {"ntlm_kerberos_keytab": str(keytab)}
+    access = ClientAccess()
+    with taddons.context(access, NtlmUpstreamAuth(), ProxyAuth()) as tctx:
+        tctx.configure(access, listen_host="0.0.0.0")  # no identity yet
+        with pytest.raises(exceptions.OptionsError, match=r"--listen-host 127\.0\.0\.1"):
+            tctx.configure(access, **identity)  # only the identity changes
+        tctx.configure(access, **identity, listen_host="0.0.0.0", ntlm_allow_remote=True)
+        if "ntlm_winbind" not in identity:  # Kerberos off: no identity to lend
+            tctx.configure(access, **{**identity, "ntlm_scheme": "ntlm"}, listen_host="0.0.0.0",
+                           ntlm_allow_remote=False)
+
+
 def test_allow_and_deny_clients(mitm, parent, origin):
     m = mitm(parent.url, {**CREDS, "ntlm_allow_clients": "127.0.0.2/32"}, env=ENV)
     r = curl("-x", m.url, f"{origin.url}/hello")

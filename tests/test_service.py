@@ -267,3 +267,21 @@ def test_config_changes_are_the_differences_and_removed_options_go_back(tmp_path
     f.write_text("ntlm_parent: a:1, b:2\n")
     update, _ = changes(opts, f, keep=["listen_port"], previous=names)
     assert update == {"ntlm_pool_max": 32, "ntlm_domain": ""}  # removed: back to the defaults
+
+
+def test_config_file_holding_a_secret_must_be_private(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    from mitmproxy_ntlm.config_file import read_config
+
+    f = tmp_path / "config.yaml"
+    f.write_text("ntlm_username: alice\nntlm_pass_nt: 0123456789abcdef0123456789abcdef\n")
+    f.chmod(0o644)
+    with pytest.raises(exceptions.OptionsError, match=r"readable by others.*chmod 600") as e:
+        read_config(f)
+    assert "ntlm_pass_nt" in str(e.value) and "0123456789abcdef" not in str(e.value)
+    f.chmod(0o600)
+    assert read_config(f)["ntlm_username"] == "alice"
+    f.write_text("ntlm_username: alice\n")  # no secret: any mode, as before
+    f.chmod(0o644)
+    assert read_config(f) == {"ntlm_username": "alice"}

@@ -18,12 +18,14 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import options
+from .schemes import SchemeMode
 
 log = logging.getLogger("mitmproxy_ntlm")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ACCESS_OPTIONS = {"mode", "listen_host", "ntlm_allow_remote", "ntlm_allow_clients",
-                  "ntlm_deny_clients", "proxyauth", "ntlm_multiuser", "ntlm_username"}
+                  "ntlm_deny_clients", "proxyauth", "ntlm_multiuser", "ntlm_username",
+                  "ntlm_winbind", "ntlm_scheme", "ntlm_kerberos_ccache", "ntlm_kerberos_keytab"}
 
 
 def parse_networks(value: Sequence[str], option: str) -> list[Network]:
@@ -45,6 +47,23 @@ def is_loopback(host: str) -> bool:
         return False  # "" (all interfaces) or a host name
 
 
+def single_identity(opts: Any) -> str | None:
+    """Whose identity every client gets in single-user mode (None: each client brings its own,
+    or there is none). Winbind and Kerberos without ntlm_username lend the logged-on user's
+    or the ticket's identity just the same."""
+    if opts.ntlm_multiuser:
+        return None
+    if opts.ntlm_username:
+        return str(opts.ntlm_username)
+    if opts.ntlm_winbind:
+        return "the logged-on user (ntlm_winbind)"
+    scheme = SchemeMode(opts.ntlm_scheme)
+    if scheme is not SchemeMode.NTLM and (opts.ntlm_kerberos_ccache or opts.ntlm_kerberos_keytab
+                                          or scheme is SchemeMode.KERBEROS):
+        return "the principal of the Kerberos ticket"
+    return None
+
+
 class ClientAccess:
     """Refuses unsafe listen addresses in single-user mode and applies Allow/Deny lists."""
 
@@ -61,8 +80,8 @@ class ClientAccess:
         opts = ctx.options
         self.allow = parse_networks(opts.ntlm_allow_clients, "ntlm_allow_clients")
         self.deny = parse_networks(opts.ntlm_deny_clients, "ntlm_deny_clients")
-        single_identity = bool(opts.ntlm_username) and not opts.ntlm_multiuser
-        if not single_identity or opts.proxyauth or opts.ntlm_allow_remote:
+        identity = single_identity(opts)
+        if identity is None or opts.proxyauth or opts.ntlm_allow_remote:
             return
         for spec in opts.mode:
             mode = ProxyMode.parse(spec)
@@ -74,7 +93,7 @@ class ClientAccess:
                 raise exceptions.OptionsError(
                     f"mitmproxy-ntlm refuses to listen on {where} ({spec}) in single-user mode: "
                     f"anyone who can reach it would be logged on at the parent as "
-                    f"{opts.ntlm_username}. Listen on loopback (--listen-host 127.0.0.1), make "
+                    f"{identity}. Listen on loopback (--listen-host 127.0.0.1), make "
                     f"clients authenticate (--set ntlm_multiuser=true), or allow it knowingly "
                     f"with --set ntlm_allow_remote=true (best with ntlm_allow_clients)."
                 )

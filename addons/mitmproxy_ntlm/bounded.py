@@ -92,6 +92,13 @@ class BoundedMap(Generic[K, V]):
             data.popitem(last=False)
             self.bytes -= size
 
+    def has_room(self, entries: int, size: int) -> bool:
+        """Whether `entries` more entries of `size` bytes in all fit without dropping any
+        (entries idle beyond `ttl` are forgotten first): for maps that must not forget."""
+        self._trim(self._clock())
+        return len(self._data) + entries <= self.max_entries and \
+            self.bytes + size <= self.max_bytes
+
     def get(self, key: K, default: Any = None) -> Any:
         entry = self._data.get(key)
         if entry is None:

@@ -20,6 +20,7 @@ from mitmproxy import exceptions, optmanager
 from mitmproxy.utils import typecheck
 
 from . import options
+from .credentials import CredentialError, require_private
 from .userfile import FileRefused, read_regular_file
 
 APP = "mitm-ntlm"
@@ -49,8 +50,9 @@ def find_config(explicit: str | None) -> Path | None:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The file's options (a mapping of names to YAML values); OptionsError naming the file."""
+    opened: list[os.stat_result] = []
     try:
-        text = read_regular_file(str(path), "config file").decode("utf-8")
+        text = read_regular_file(str(path), "config file", check=opened.append).decode("utf-8")
     except FileRefused as e:
         raise exceptions.OptionsError(str(e)) from None
     except UnicodeDecodeError:
@@ -61,7 +63,18 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise exceptions.OptionsError(f"config file {path}: {e}") from None
     if not isinstance(data, dict):
         raise exceptions.OptionsError(f"config file {path}: expected `option: value` lines")
+    secrets = sorted(set(map(str, data)) & set(options.SECRET))
+    if secrets:
+        _require_private(opened[0], path, secrets)
     return {str(k): v for k, v in data.items()}
+
+
+def _require_private(st: os.stat_result, path: str | Path, secrets: list[str]) -> None:
+    """A file holding a password or hash must be its owner's alone, as a password file."""
+    try:
+        require_private(st, f"config file {path} (it sets {', '.join(secrets)})", str(path))
+    except CredentialError as e:
+        raise exceptions.OptionsError(str(e)) from None
 
 
 def changes(opts: optmanager.OptManager, path: str | Path, keep: Iterable[str],

@@ -12,6 +12,7 @@ import binascii
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 
 from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
@@ -96,6 +97,19 @@ def parse_standard_hashes(value: str) -> tuple[bytes, bytes]:
     raise CredentialError("ntlm_hashes must be NT or LM:NT, 32 hex digits each")
 
 
+def require_private(st: os.stat_result, label: str, path: str) -> None:
+    """CredentialError unless the file `st` describes is its owner's alone (POSIX modes)."""
+    if os.name != "posix":
+        return  # Windows reports no owner/group/other bits (ACLs decide): nothing to check
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialError(
+            f"{label} is readable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise CredentialError(f"{label} is not owned by the current user")
+
+
 def read_secret_text(path: str, what: str = "ntlm_password_file") -> str:
     """The text of a regular file that only its owner can read (like ~/.ssh keys).
 
@@ -104,15 +118,7 @@ def read_secret_text(path: str, what: str = "ntlm_password_file") -> str:
     label = f"{what} {path}"
 
     def private(st: os.stat_result) -> None:
-        if os.name != "posix":
-            return  # Windows reports no owner/group/other bits (ACLs decide): nothing to check
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise CredentialError(
-                f"{label} is readable by others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise CredentialError(f"{label} is not owned by the current user")
+        require_private(st, label, path)
 
     try:
         return decode_text(read_regular_file(path, what, check=private), label)
@@ -175,11 +181,14 @@ def account_of(principal: str) -> str:
     know for its own, so `CORP\\alice`, `corp\\ALICE`, `alice@corp.example` and `OTHER\\alice`
     can all be one account. Equal user names in different domains share a count (the guard
     errs towards stopping); a UPN whose prefix differs from the account name is not matched.
+    Width and accents are ignored too (fullwidth letters, `alíce`): AD may take them for one
+    account.
     """
     name = principal.rpartition("\\")[2]
     if "@" in name:
         name = name.partition("@")[0]
-    return name.casefold()
+    decomposed = unicodedata.normalize("NFKD", name)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pac import PAC_MAX_BYTES, Found, PacError, load_pac
+from .pac import PAC_MAX_BYTES, Found, PacError, load_pac, read_within
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -120,13 +121,14 @@ def wpad_hosts(domains: Iterable[str]) -> list[str]:
 def fetch_wpad(host: str, address: str, port: int, timeout: float = WPAD_TIMEOUT) -> str | None:
     """GET /wpad.dat from this address (the one our lookup gave: no second lookup, no
     redirects, no proxy), bounded in size; None unless it is a PAC script."""
+    deadline = time.monotonic() + timeout
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("GET", "/wpad.dat", headers={"Host": host, "Connection": "close"})
         response = conn.getresponse()
         if response.status != 200:
             return None
-        body = response.read(PAC_MAX_BYTES + 1)
+        body = read_within(response, PAC_MAX_BYTES + 1, deadline)
     except (OSError, http.client.HTTPException):
         return None
     finally:
@@ -142,7 +144,7 @@ def from_wpad(probe: SystemProbe) -> Found | None:
         for address in probe.resolve(host):
             script = fetch_wpad(host, address, probe.wpad_port)
             if script is not None:
-                return Found(script, f"WPAD http://{host}/wpad.dat ({address})")
+                return Found(script, f"WPAD http://{host}/wpad.dat ({address})", spoofable=True)
     return None
 
 

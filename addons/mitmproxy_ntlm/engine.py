@@ -361,7 +361,7 @@ class AuthEngine:
         headers: dict[str, str] = {}
         if auth_failure:
             status, headers = self.policy.failure_response()
-        reason_phrase = {502: "Bad Gateway", 504: "Gateway Timeout"}.get(
+        reason_phrase = {502: "Bad Gateway", 504: "Gateway Timeout", 413: "Content Too Large"}.get(
             status, "Proxy Authentication Required"
         )
         response = wire.error_response(status, reason_phrase, reason, headers)
@@ -400,6 +400,7 @@ class AuthEngine:
         except NoScheme as e:
             if self.target is ORIGIN:
                 log.warning("[ntlm] %s", e)
+                self._end_attempt()
                 self.state = ConnState.REJECTED
                 return self._send_plain()
             return self._fail(str(e))
@@ -428,11 +429,11 @@ class AuthEngine:
         return [ToParent(leg), StartTimer(self.generation)]
 
     def _reserve_attempt(self) -> None:
-        """Hold a lockout-guard slot for a logon to the parent with these credentials, from
-        before the first leg until the logon ends (`_end_attempt`)."""
+        """Hold a lockout-guard slot for a logon (to the parent, or to an origin server: a
+        browser opens several connections to an intranet site at once) with these credentials,
+        from before the first leg until the logon ends (`_end_attempt`)."""
         assert self.creds is not None
-        if self.target is not PARENT or self.fixed_creds is not None or \
-                self._attempt_for == self.creds:
+        if self._attempt_for == self.creds:
             return
         self._end_attempt()
         self._attempt = self.policy.attempt(self.creds)
@@ -454,6 +455,11 @@ class AuthEngine:
             log.info("[ntlm] %s -> %s: waiting for the logons in progress for %s",
                      self.client, self.parent, self.creds.principal)
         elif now >= self._wait_until:
+            if self.target is ORIGIN:  # the server's own 401 reaches the client
+                log.warning("[ntlm] %s -> %s: %s", self.client, self.parent, why)
+                self._wait_until = None
+                self.state = ConnState.REJECTED
+                return self._send_plain()
             return self._fail(f"{why} Try again in a moment.", auth_failure=True)
         else:
             self._wait_delay = min(self._wait_delay * 2, 0.5)
@@ -470,6 +476,7 @@ class AuthEngine:
             self.trace.finish("rejected", logging.WARNING)
         if self.target is ORIGIN:
             log.warning("[ntlm] %s", text)
+            self._end_attempt()
             self.state = ConnState.REJECTED
             return self._send_plain()
         return self._fail(text, result="rejected", auth_failure=True)
@@ -607,6 +614,13 @@ class AuthEngine:
     def _body(self, chunk: bytes) -> list[Action]:
         if not chunk:
             return []
+        if self.phase is Phase.WAITING and (self._replay is None or len(self._replay) + len(
+                chunk) > self.policy.replay_limit):
+            return self._fail(
+                f"The request body is larger than ntlm_replay_limit "
+                f"({self.policy.replay_limit} bytes), and its logon to {self.parent} waits for "
+                f"other logons of the same account to end: mitmproxy-ntlm holds no more of it. "
+                f"Try again in a moment.", status=413)
         holding = self.phase is Phase.WAITING or \
             (self.phase in (Phase.LEG1, Phase.KERBEROS) and self._probe)
         if self._replay is not None:
@@ -745,7 +759,8 @@ class AuthEngine:
             return self._on_kerberos_response(head)
         if self.phase is Phase.LEG3:
             return self._on_leg3_response(head)
-        if self.phase is Phase.PLAIN and status == self.target.status:
+        if self.phase is Phase.PLAIN and status == self.target.status and \
+                self.state is not ConnState.REJECTED:  # origin: its 401 is the answer
             return self._on_rechallenge(head)
         if self.connect_mode and not 200 <= status < 300:  # CONNECT on a pooled connection
             return self._fail(f"The {self.target.name} {self.parent} refused the CONNECT: "
@@ -780,6 +795,7 @@ class AuthEngine:
                 log.warning("[ntlm] %s -> %s: the server offers %s, not NTLM/Negotiate; "
                             "passing its %d on", self.client, self.parent,
                             ", ".join(schemes) or "nothing", status)
+                self._end_attempt()
                 self.state = ConnState.REJECTED
                 if self._probe:  # the HEAD probe's answer is not the client's
                     return self._skip_body(head, self._send_plain)
@@ -836,6 +852,7 @@ class AuthEngine:
                 return self._switch_scheme(head, "Kerberos")
             self.trace.finish("rejected", logging.WARNING)
             if self.target is ORIGIN:
+                self._end_attempt()
                 self.state = ConnState.REJECTED
                 if self._probe:
                     return self._skip_body(head, self._send_plain)
@@ -867,6 +884,7 @@ class AuthEngine:
             log.warning("[ntlm] %s -> %s: the server rejected the credentials for %s "
                         "(%s; %d in a row); passing its %d on", self.client, self.parent,
                         self.creds.principal, self.trace.dialect, count, status)
+            self._end_attempt()
             self.state = ConnState.REJECTED
             return self._pass_response(head)
         if status == self.target.status:

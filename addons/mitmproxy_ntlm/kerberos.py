@@ -13,9 +13,12 @@ ticket lifetime, and once per parent for its service ticket, which the cache kee
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,9 @@ except ImportError:  # pragma: no cover - exercised when the extra is missing
 
 RENEW_BEFORE = 300.0
 """Renew a ticket we own when less than this many seconds of it remain (as k5start does)."""
+
+MAX_OWNED_TICKETS = 1000
+"""Tickets we obtained kept at once (one per user in multi-user mode); the oldest go first."""
 
 # krb5 error codes that mean the KDC refused the secret: a failed logon at the domain.
 _BAD_SECRET_CODES = {
@@ -77,6 +83,15 @@ class Ticket:
 
 
 @dataclass
+class _Owned:
+    """A ticket we obtained and a keyed digest of the secret that got it: reused only for a
+    caller who presents the same secret (a user name alone must never hand out a ticket)."""
+
+    ticket: Ticket
+    proof: bytes = field(repr=False)
+
+
+@dataclass
 class KerberosSettings:
     """The ntlm_kerberos_* options."""
 
@@ -93,7 +108,8 @@ class KerberosTickets:
 
     def __init__(self, settings: KerberosSettings) -> None:
         self.settings = settings
-        self._owned: dict[str, Ticket] = {}  # principal -> ticket we obtained
+        self._owned: OrderedDict[str, _Owned] = OrderedDict()  # source:principal -> ticket
+        self._proof_key = os.urandom(32)  # per process: a proof is useless outside it
         self._retired: list[Any] = []
 
     # ----------------------------------------------------------------- choosing a source
@@ -168,18 +184,34 @@ class KerberosTickets:
     def _owned_ticket(self, principal: str, *, keytab: str = "",
                       password: str | None = None) -> Ticket:
         key = f"{'keytab' if keytab else 'password'}:{principal.lower()}"
+        proof = self._proof(keytab, password)
         current = self._owned.get(key)
-        if current is not None and current.expires - time.time() > RENEW_BEFORE:
-            return current
+        same_secret = current is not None and hmac.compare_digest(current.proof, proof)
+        if current is not None and same_secret and \
+                current.ticket.expires - time.time() > RENEW_BEFORE:
+            self._owned.move_to_end(key)
+            return current.ticket
+        # A different secret asks the KDC again: a wrong one fails there and the cached
+        # ticket stays with the one who knew the right one.
         ticket = self._kinit(principal, keytab=keytab, password=password)
-        if current is not None:
-            ticket.renewals = current.renewals + 1
+        if current is not None and same_secret:
+            ticket.renewals = current.ticket.renewals + 1
             log.info("[ntlm] Kerberos: renewed the %s", ticket.describe())
-            self._retire(current)
         else:
             log.info("[ntlm] Kerberos: obtained a %s", ticket.describe())
-        self._owned[key] = ticket
+        if current is not None:
+            self._retire(current.ticket)
+        self._owned[key] = _Owned(ticket, proof)
+        self._owned.move_to_end(key)
+        while len(self._owned) > MAX_OWNED_TICKETS:
+            self._retire(self._owned.popitem(last=False)[1].ticket)
         return ticket
+
+    def _proof(self, keytab: str, password: str | None) -> bytes:
+        """A digest of the secret under this process's random key, compared in constant time."""
+        secret = f"keytab:{keytab}" if keytab else f"password:{password or ''}"
+        return hmac.new(self._proof_key, secret.encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).digest()
 
     def _kinit(self, principal: str, *, keytab: str, password: str | None) -> Ticket:
         ctx = krb5.init_context()
@@ -220,6 +252,8 @@ class KerberosTickets:
 
     def _retire(self, ticket: Ticket) -> None:
         """Destroy an old in-memory cache once a newer one has also been replaced."""
+        if ticket._handle is None:
+            return
         self._retired.append(ticket._handle)
         while len(self._retired) > 1:
             ctx, ccache = self._retired.pop(0)
@@ -230,13 +264,14 @@ class KerberosTickets:
 
     def forget(self) -> None:
         """Drop the tickets we own (options changed or the addon unloads)."""
-        for ticket in self._owned.values():
-            self._retire(ticket)
+        for owned in self._owned.values():
+            self._retire(owned.ticket)
         self._owned.clear()
 
     def status(self) -> list[dict[str, Any]]:
+        tickets = [owned.ticket for owned in self._owned.values()]
         return [{"principal": t.principal, "source": t.source, "expires": _when(t.expires),
-                 "renewals": t.renewals} for t in self._owned.values()]
+                 "renewals": t.renewals} for t in tickets]
 
     # ----------------------------------------------------------------- service principal
 

@@ -1089,25 +1089,70 @@ def _handle_connect_finish(self: http_layers.HttpStream) -> layer.CommandGenerat
     yield from waiting.forward(OpenBeforeAnswer())
 
 
+HELD_BEFORE_ANSWER = 64 * 1024
+"""Bytes a client may send after its CONNECT before the answer (a TLS ClientHello fits many
+times over); more closes its connection, so a client cannot stream into memory meanwhile."""
+
+
+def _http1_server(stream: http_layers.HttpStream) -> http_layers.Http1Server | None:
+    """The HTTP/1 layer reading the client of `stream` (None for HTTP/2 clients)."""
+    for owner in reversed(stream.context.layers):
+        if isinstance(owner, http_layers.HttpLayer):
+            conn = owner.connections.get(stream.context.client)
+            return conn if isinstance(conn, http_layers.Http1Server) else None
+    return None
+
+
 class _AnswerAfterParent:
     """Stands in for a CONNECT stream's event handler while its parent tunnel opens, then
     answers: 200 and the tunnel, or the verdict (407 with the Basic challenge for credentials
     the parent rejected) before any tunnel. Browsers ask for proxy credentials only on the
     CONNECT's own answer; inside the tunnel a 407 is never shown, and a passthrough client
-    would only see its TLS handshake fail."""
+    would only see its TLS handshake fail. What the client sends meanwhile is bounded by
+    `HELD_BEFORE_ANSWER`: mitmproxy's HTTP/1 layer buffers it, HTTP/2 data is held here."""
 
     def __init__(self, stream: http_layers.HttpStream, tunnel_: NtlmUpstreamProxy) -> None:
         self.stream = stream
         self.tunnel = tunnel_
         self.held: list[events.Event] = []  # the client's HTTP events, for after the answer
+        self.held_bytes = 0
+        self.http1 = _http1_server(stream)
+        if self.http1 is not None:  # its wait state buffers the client's bytes unbounded
+            self.http1._handle_event = self._http1_event  # type: ignore[method-assign]
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, http_layers.RequestProtocolError):
             return self._client_gone(event)
         if isinstance(event, http_layers.HttpEvent):
             self.held.append(event)
+            if isinstance(event, http_layers.RequestData):
+                self.held_bytes += len(event.data)
+                if self.held_bytes > HELD_BEFORE_ANSWER:
+                    return self._too_much()
             return _nothing()
         return self.forward(event)  # the tunnel's connection, hooks and timers
+
+    def _http1_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        http1 = self.http1
+        assert http1 is not None
+        if isinstance(event, events.DataReceived) and http1.state != http1.passthrough:
+            if len(http1.buf) + len(event.data) > HELD_BEFORE_ANSWER:
+                return self._too_much()
+        return type(http1)._handle_event(http1, event)
+
+    def _too_much(self) -> layer.CommandGenerator[None]:
+        """Close the client connection (mitmproxy then closes the parent connection too)."""
+        client = self.stream.context.client
+        if client.connected:
+            log.warning("[ntlm] %s sent more than %d bytes before its CONNECT was answered: "
+                        "connection closed", human.format_address(client.peername),
+                        HELD_BEFORE_ANSWER)
+            self.held.clear()
+            yield commands.CloseConnection(client)
+
+    def _stop_bounding(self) -> None:
+        if self.http1 is not None and "_handle_event" in vars(self.http1):
+            del self.http1._handle_event  # its own again
 
     def forward(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from self.tunnel.handle_event(event)
@@ -1117,6 +1162,7 @@ class _AnswerAfterParent:
 
     def _answer(self, verdict: TunnelVerdict) -> layer.CommandGenerator[None]:
         stream = self.stream
+        self._stop_bounding()
         if verdict.error is None:
             del stream._handle_event  # HttpStream's own again; the 200 switches to passthrough
         else:
@@ -1137,6 +1183,7 @@ class _AnswerAfterParent:
     def _client_gone(self, event: events.Event) -> layer.CommandGenerator[None]:
         """The client left before the answer: close the parent connection, end the flow."""
         stream = self.stream
+        self._stop_bounding()
         stream._handle_event = self._after_failure  # type: ignore[method-assign]
         stream.client_state = stream.state_errored
         if self.tunnel.tunnel_connection.connected:
@@ -1182,6 +1229,13 @@ class OriginAuthLayer(tunnel.TunnelLayer):
     def __init__(self, context: Any, engine: eng.AuthEngine) -> None:
         super().__init__(context, tunnel_connection=context.server, conn=context.server)
         self.engine = engine
+        self._waits: dict[commands.RequestWakeup, int] = {}  # generation of each wait
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self._waits and isinstance(event, events.Wakeup) and event.command in self._waits:
+            generation = self._waits.pop(event.command)
+            return self._run(self._safely(self.engine.timed_out, generation))
+        return super()._handle_event(event)
 
     def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
         yield from self._run(self._safely(self.engine.from_child, data))
@@ -1206,7 +1260,12 @@ class OriginAuthLayer(tunnel.TunnelLayer):
                 # a server connection cannot be replaced from here: close it, the client retries
                 if self.tunnel_connection.connected:
                     yield commands.CloseConnection(self.tunnel_connection)
-            # StartTimer: a server that stalls is covered by mitmproxy's own timeouts
+            elif isinstance(action, eng.StartTimer) and action.delay:
+                # a wait for the account's logons in progress (the lockout guard); a server
+                # that stalls is covered by mitmproxy's own timeouts
+                wakeup = commands.RequestWakeup(action.delay)
+                self._waits[wakeup] = action.generation
+                yield wakeup
 
 
 OriginEngineFactory = Callable[[Any], "eng.AuthEngine | None"]

@@ -170,6 +170,12 @@ ROUTING: tuple[Option, ...] = (  # ParentRouter
            "Seconds between fetches of the PAC file; it is also fetched when the network "
            "changes and on SIGHUP. A failed fetch keeps the last good PAC. 0: no schedule.",
            minimum=0),
+    Option("ntlm_pac_parents", Sequence[str], [],
+           "Parent proxies a PAC may send traffic (and the logon) to: host wildcards, e.g. "
+           "'proxy*.corp.example'; a PAC answer naming another proxy is skipped. Unset: with "
+           "ntlm_pac auto (WPAD can be spoofed on the LAN) only the ntlm_parent and --mode "
+           "upstream hosts; with a PAC file or URL you named, any. A list; each entry may be "
+           "comma-separated."),
     Option("ntlm_roaming", bool, False,
            "When no parent answers (laptop at home, VPN off), go direct; go through the parents "
            "again as soon as one answers."),
@@ -179,7 +185,8 @@ ROUTING: tuple[Option, ...] = (  # ParentRouter
 ACCESS: tuple[Option, ...] = (  # ClientAccess: who may connect
     Option("ntlm_allow_remote", bool, False,
            "Let a single-user proxy listen beyond loopback (CNTLM's Gateway): every client that "
-           "can reach it is logged on as ntlm_username. Combine with ntlm_allow_clients."),
+           "can reach it is logged on as you (ntlm_username, winbind or Kerberos). Combine with "
+           "ntlm_allow_clients."),
     Option("ntlm_allow_clients", Sequence[str], [],
            "Client addresses allowed to connect, IPs/CIDRs (CNTLM's Allow); empty: all that can "
            "reach the listen address. A list; each entry may be comma-separated."),

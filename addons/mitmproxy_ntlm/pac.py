@@ -3,12 +3,18 @@
 The JavaScript runs in pacparser (a maintained PAC engine with the standard helper functions:
 `shExpMatch`, `isInNet`, `dnsResolve`, ...). The file is read at configuration and again
 by `pac_watch` (on a schedule, on network changes); decisions are cached per scheme and host.
+pacparser cannot be interrupted, so each new script is first test-evaluated in a child process
+with a time limit (`check_pac`); a script that passed is trusted for the per-host lookups.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
+import subprocess
+import sys
+import time
 import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +29,18 @@ log = logging.getLogger("mitmproxy_ntlm")
 
 
 PAC_MAX_BYTES = 8 * 1024 * 1024
+PAC_CHECK_SECONDS = 3.0  # a test evaluation (start of a Python, parse, two lookups) takes ~0.1 s
+# Run by `check_pac` in a child Python: the script comes on stdin, so nothing is interpolated.
+_CHECK_PROGRAM = """
+import sys, pacparser
+pacparser.init()
+pacparser.parse_pac_string(sys.stdin.read())
+for url, host in (("http://example.com/", "example.com"), ("https://intranet/", "intranet")):
+    try:
+        pacparser.find_proxy(url, host)
+    except Exception:
+        pass  # answered (with an error): the proxy goes direct for such hosts
+"""
 
 
 class PacError(ValueError):
@@ -31,9 +49,11 @@ class PacError(ValueError):
 
 @dataclass(frozen=True)
 class Found:
-    """A PAC script and where it came from (for the log)."""
+    """A PAC script and where it came from (for the log); `spoofable`: anyone on the LAN may
+    have served it (WPAD), so it may only name the parents ntlm_pac_parents allows."""
     script: str
     source: str
+    spoofable: bool = False
 
 
 def load_pac(location: str, timeout: float = 10) -> str:
@@ -43,7 +63,7 @@ def load_pac(location: str, timeout: float = 10) -> str:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(location, timeout=timeout) as response:
-                data = response.read(PAC_MAX_BYTES + 1)
+                data = read_within(response, PAC_MAX_BYTES + 1, time.monotonic() + timeout)
         except (OSError, http.client.HTTPException) as e:
             raise PacError(f"ntlm_pac: cannot fetch {location}: {e}") from None
         if len(data) > PAC_MAX_BYTES:
@@ -54,6 +74,41 @@ def load_pac(location: str, timeout: float = 10) -> str:
     except FileRefused as e:
         raise PacError(str(e)) from None
     return data.decode("utf-8", "replace")
+
+
+def read_within(response: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
+    """At most `limit` bytes of the body, given up at `deadline` (monotonic): the socket
+    timeout bounds each read only, and a server dripping a byte at a time would never end."""
+    data = bytearray()
+    while len(data) < limit:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server took too long to send the file")
+        chunk = response.read1(min(64 * 1024, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def check_pac(script: str, timeout: float = PAC_CHECK_SECONDS) -> None:
+    """Raise PacError unless the script parses and answers FindProxyForURL for sample URLs
+    within `timeout` seconds, tried in a child process: pacparser cannot be interrupted, so a
+    script that loops (`for(;;){}`) would otherwise hang the proxy for good."""
+    try:
+        # -P: nothing is imported from the working directory; no environment: the password
+        # may be in it (ntlm_password_env)
+        done = subprocess.run([sys.executable, "-P", "-c", _CHECK_PROGRAM],
+                              input=script.encode(), capture_output=True, timeout=timeout,
+                              check=False, env={"PATH": os.environ.get("PATH", "")})
+    except subprocess.TimeoutExpired:
+        raise PacError(f"ntlm_pac: the PAC script did not finish within {timeout:g} s "
+                       f"(a loop?): refused") from None
+    except OSError as e:
+        raise PacError(f"ntlm_pac: cannot test the PAC script: {e}") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1][:200] if lines else f"exit status {done.returncode}"
+        raise PacError(f"ntlm_pac: the PAC script fails ({reason!r})")
 
 
 def parse_result(result: str) -> list[ServerSpec | None]:

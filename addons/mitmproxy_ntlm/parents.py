@@ -18,6 +18,7 @@ from mitmproxy.net import server_spec
 log = logging.getLogger("mitmproxy_ntlm")
 
 ServerSpec = tuple[str, tuple[str, int]]
+LEARNED_MAX = 16  # parents a PAC may add to the failover list
 
 
 def parse_parents(value: str) -> list[ServerSpec]:
@@ -45,6 +46,7 @@ class ParentList:
     specs: list[ServerSpec]
     retry_after: float = 30.0
     _dead_until: dict[ServerSpec, float] = field(default_factory=dict)
+    _learned: list[ServerSpec] = field(default_factory=list)
 
     def alive(self, spec: ServerSpec) -> bool:
         until = self._dead_until.get(spec)
@@ -69,9 +71,23 @@ class ParentList:
             log.info("[ntlm] parent %s reachable again", spec_text(spec))
 
     def remember(self, spec: ServerSpec) -> None:
-        """Add a parent learned at run time (from a PAC file) as a failover candidate."""
-        if spec not in self.specs:
-            self.specs.append(spec)
+        """Add a parent learned at run time (from a PAC file) as a failover candidate; at most
+        LEARNED_MAX of them, the oldest learned one leaving first."""
+        if spec in self.specs:
+            return
+        self.specs.append(spec)
+        self._learned.append(spec)
+        if len(self._learned) > LEARNED_MAX:
+            oldest = self._learned.pop(0)
+            self.specs.remove(oldest)
+            self._dead_until.pop(oldest, None)
+
+    def forget_learned(self) -> None:
+        """Drop the parents a PAC named (the PAC changed: they may no longer be wanted)."""
+        for spec in self._learned:
+            self.specs.remove(spec)
+            self._dead_until.pop(spec, None)
+        self._learned.clear()
 
 
 class NoProxy:

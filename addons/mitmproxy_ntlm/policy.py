@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bounded import BoundedMap
+from .bounded import BoundedMap, approx_size
 from .credentials import Credentials, account_of
 from .handshake import Dialect
 from .schemes import Choice, SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
+from .untrusted import shown
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -44,7 +45,9 @@ class LockoutGuard:
     (`credentials.account_of`: user name, any domain or case). With `cooldown` None the block
     lasts until `reset()` (an options change); with a cooldown, blocks and failure counts
     expire that long after the last failure. Accounts are kept in bounded maps, so clients
-    sending endless bogus names cannot grow memory (the oldest counts are forgotten first).
+    sending endless bogus names cannot grow memory; a count is never dropped to make room
+    (that would hand out fresh guesses): once the maps are full, accounts not counted yet get
+    no logon until counts expire (`has_room`).
     """
 
     def __init__(self, limit: int, cooldown: float | None = None, max_accounts: int = 20_000,
@@ -79,6 +82,11 @@ class LockoutGuard:
     def rejected(self, principal: str) -> int:
         account = account_of(principal)
         count = self._failures.get(account, 0) + 1
+        if account not in self._failures and not self._failures.has_room(1, _entry_size(account)):
+            # Only a logon that held no slot gets here; storing would drop another's count.
+            log.warning("[ntlm] lockout guard full: the rejection for %s is not counted",
+                        shown(account))
+            return count
         self._failures[account] = count
         if self.limit > 0 and count >= self.limit and account not in self._blocked_at:
             self._blocked_at[account] = self._clock()
@@ -111,13 +119,25 @@ class LockoutGuard:
                 del self._attempts[account]
         return live
 
+    def has_room(self, principal: str) -> bool:
+        """Whether a failure of this account can be counted without forgetting another's: it
+        is counted already, or the maps hold it and every uncounted account in flight."""
+        account = account_of(principal)
+        if account in self._failures:
+            return True
+        pending = {name for name in self._attempts if name not in self._failures} | {account}
+        return self._failures.has_room(len(pending), sum(map(_entry_size, pending)))
+
     def try_reserve(self, principal: str) -> Attempt | None:
         """A slot for one logon with untried credentials; None when the failures so far plus
-        the attempts in flight reach the limit (without a limit: always a slot)."""
+        the attempts in flight reach the limit, or the account could not be counted
+        (`has_room`). Without a limit: always a slot."""
         account = account_of(principal)
         attempt = Attempt(account, self._clock() + self.attempt_timeout)
         if self.limit <= 0:
             return attempt
+        if not self.has_room(account):
+            return None
         live = self._live_attempts(account)
         if self._failures.get(account, 0) + len(live) >= self.limit:
             return None
@@ -137,6 +157,11 @@ class LockoutGuard:
     def reset(self) -> None:
         self._failures.clear()
         self._blocked_at.clear()
+
+
+def _entry_size(account: str) -> int:
+    """What an account's entry in the guard's maps takes (see `BoundedMap`)."""
+    return approx_size(account) + approx_size(1)  # a count; a block's time is smaller
 
 
 def _trace_size(key: str, trace: HandshakeTrace) -> int:
@@ -224,6 +249,12 @@ class UpstreamPolicy:
         if self._secret_key(creds) in self.verified:
             return None
         attempt = self.guard.try_reserve(creds.principal)
+        if attempt is None and not self.guard.has_room(creds.principal):
+            raise AttemptsBusy(
+                f"mitmproxy-ntlm counts failed logons for as many accounts as it can keep, and "
+                f"starts none for another account such as {creds.principal} until some of "
+                f"those counts expire (ntlm_lockout_cooldown), so none is forgotten."
+            )
         if attempt is None:
             raise AttemptsBusy(
                 f"mitmproxy-ntlm sends at most {_count(self.guard.limit, 'logon')} at a time "

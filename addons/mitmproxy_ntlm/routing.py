@@ -15,6 +15,7 @@ a failed connect is seen; see `mitmproxy_internals.NtlmUpstreamProxy`.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import logging
 import socket
@@ -25,15 +26,16 @@ from mitmproxy.proxy import layer
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, Socks5Mode, UpstreamMode
 
 from . import discovery, mitmproxy_internals, options
-from .pac import Found, PacError, PacResolver, load_pac
+from .pac import Found, PacError, PacResolver, check_pac, load_pac
 from .pac_watch import PacWatcher
-from .parents import NoProxy, ParentList, ServerSpec, parse_parents
+from .parents import NoProxy, ParentList, ServerSpec, parse_parents, spec_text
 
 log = logging.getLogger("mitmproxy_ntlm")
 
 ROUTING_OPTIONS = {"ntlm_parent", "ntlm_noproxy", "ntlm_pac", "ntlm_pac_refresh", "ntlm_roaming",
-                   "ntlm_parent_retry", "connection_strategy", "mode"}
+                   "ntlm_parent_retry", "ntlm_pac_parents", "connection_strategy", "mode"}
 PAC_AUTO = "auto"
+REFUSED_LOGGED_MAX = 256  # distinct refused PAC parents logged per PAC
 
 
 class ParentRouter:
@@ -48,6 +50,10 @@ class ParentRouter:
         self._pac_location = ""
         self._pac_refresh = 0
         self._pac_watch: PacWatcher | None = None
+        self._pac_parents: list[str] | None = None  # host wildcards; None: any
+        self._pac_parent_patterns: list[str] = []
+        self._pac_spoofable = False
+        self._refused_logged: set[ServerSpec] = set()
         self._running = False
 
     def load(self, loader: Loader) -> None:
@@ -67,6 +73,8 @@ class ParentRouter:
         first = [(m.scheme, m.address) for m in upstream]
         self.parents = ParentList(first + [s for s in specs if s not in first],
                                   retry_after=float(opts.ntlm_parent_retry))
+        self._pac_parent_patterns = [p.lower() for p in options.items(opts.ntlm_pac_parents)]
+        self._update_pac_parents()
         if updated & {"ntlm_pac", "ntlm_pac_refresh"}:
             self._configure_pac(opts.ntlm_pac, opts.ntlm_pac_refresh, "ntlm_pac" in updated)
         self.roaming = opts.ntlm_roaming
@@ -96,19 +104,37 @@ class ParentRouter:
             self._use_pac(None)
             if location and location != PAC_AUTO:
                 try:
-                    self._use_pac(Found(load_pac(location), location))
+                    found = Found(load_pac(location), location)
+                    check_pac(found.script)
+                    self._use_pac(found)
                 except PacError as e:
                     raise exceptions.OptionsError(str(e)) from None
         self._pac_location, self._pac_refresh = location, refresh
         if not location:
             return
         auto = location == PAC_AUTO
-        if auto:
-            def load() -> Found:
-                return discovery.discover(discovery.SystemProbe(is_own=self._is_own))
-        else:
-            def load() -> Found:
-                return Found(load_pac(location), location)
+        passed = self.pac.script if self.pac is not None else None
+        refused: tuple[str, PacError] | None = None
+
+        def load() -> Found:
+            """Runs in the watcher's thread: the test evaluation never blocks the loop. The
+            script that passed last, or was refused last, is not evaluated again."""
+            nonlocal passed, refused
+            if auto:
+                found = discovery.discover(discovery.SystemProbe(is_own=self._is_own))
+            else:
+                found = Found(load_pac(location), location)
+            if refused is not None and found.script == refused[0]:
+                raise PacError(str(refused[1]))
+            if found.script != passed:
+                try:
+                    check_pac(found.script)
+                except PacError as e:
+                    refused = (found.script, e)
+                    raise
+                passed = found.script
+            return found
+
         self._pac_watch = PacWatcher(location, load, self._use_pac, refresh, fetch_at_start=auto)
         if self.pac is not None:
             self._pac_watch.known(self.pac.script)
@@ -122,7 +148,10 @@ class ParentRouter:
         if old is not None:
             old.close()
             self.pac = None
+        self.parents.forget_learned()
         if found is None:
+            self._pac_spoofable = False
+            self._update_pac_parents()
             return
         try:
             self.pac = PacResolver(found.script)
@@ -130,7 +159,38 @@ class ParentRouter:
             if old is not None:
                 self.pac = PacResolver(old.script)
             raise
+        self._pac_spoofable = found.spoofable
+        self._update_pac_parents()
         log.info("[ntlm] PAC file loaded from %s", found.source)
+
+    def _update_pac_parents(self) -> None:
+        """The hosts a PAC may name as parent (None: any). A PAC found by WPAD may come from
+        anyone on the LAN, so by default it may only pick among the configured parents (a PAC
+        or proxy setting the user configured is trusted)."""
+        self._refused_logged.clear()
+        if self._pac_parent_patterns:
+            self._pac_parents = self._pac_parent_patterns
+        elif self._pac_spoofable:
+            # called only when the list holds no learned (PAC-named) parents
+            self._pac_parents = [host.lower() for _, (host, _) in self.parents.specs]
+        else:
+            self._pac_parents = None
+
+    def _pac_parent_allowed(self, spec: ServerSpec) -> bool:
+        """Whether this PAC answer may get connections (and the logon); logged once if not."""
+        host, port = spec[1]
+        if self._is_own(host, port):
+            reason = "is this mitmproxy"
+        elif self._pac_parents is not None and not any(
+                fnmatch.fnmatchcase(host.lower(), p) for p in self._pac_parents):
+            reason = "is not an allowed parent (ntlm_pac_parents)"
+        else:
+            return True
+        if spec not in self._refused_logged and len(self._refused_logged) < REFUSED_LOGGED_MAX:
+            self._refused_logged.add(spec)
+            log.warning("[ntlm] the PAC names the proxy %r, which %s: skipped",
+                        spec_text(spec), reason)
+        return False
 
     def reload_pac(self) -> None:
         """Fetch the PAC again now (e.g. on SIGHUP), in the background."""
@@ -198,10 +258,13 @@ class ParentRouter:
             return None
         if self.pac is not None:
             url = f"{scheme}://{host}:{port}/"
-            choices = self.pac.choices(scheme, host, url)
-            proxies = [c for c in choices if c is not None]
-            for spec in proxies:
-                self.parents.remember(spec)
+            choices = [c for c in self.pac.choices(scheme, host, url)
+                       if c is None or self._pac_parent_allowed(c)]
+            if not choices:
+                return None  # no proxy the PAC named may be used: as if it said DIRECT
+            for spec in choices:
+                if spec is not None:
+                    self.parents.remember(spec)
             alive = [c for c in choices if c is None or self.parents.alive(c)]
             choice = (alive or choices)[0]
             if choice is None:

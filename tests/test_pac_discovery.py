@@ -26,6 +26,7 @@ from mitmproxy_ntlm import discovery
 from mitmproxy_ntlm.discovery import SystemProbe
 from mitmproxy_ntlm.pac import Found, PacError, PacResolver
 from mitmproxy_ntlm.pac_watch import PacWatcher, network_fingerprint
+from servers import free_port
 
 ENV = {"PW": TEST_PASSWORD}
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW",
@@ -225,9 +226,7 @@ def test_auto_routes_through_the_environment_proxy(mitm, parent, origin):
 
 
 def test_auto_skips_a_proxy_that_is_this_mitmproxy(mitm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     m = mitm(None, {**CREDS, "ntlm_pac": "auto"}, "--mode", f"regular@{port}",
              env={**ENV, "http_proxy": f"http://127.0.0.1:{port}"})
     assert m.wait_for(f"environment (http_proxy/https_proxy) names this mitmproxy "

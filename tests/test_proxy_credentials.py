@@ -5,7 +5,6 @@ the parent. The matrix runs every mode and route against a recording origin and 
 from __future__ import annotations
 
 import base64
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from constants import TEST_DOMAIN
 from mitm import curl
+from servers import free_port
 
 PASSWORD = "Alice-Pass-1"
 CLIENT_BASIC = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
@@ -67,11 +67,6 @@ ROUTES = {
 }
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _pac(tmp_path: Path) -> str:
     pac = tmp_path / "direct.pac"
@@ -87,7 +82,7 @@ def test_client_proxy_credentials_reach_neither_origin_nor_parent(
     options = dict(route.options)
     if options.get("ntlm_pac") == "DIRECT":
         options["ntlm_pac"] = _pac(tmp_path)
-    dead = f"http://127.0.0.1:{_dead_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     if route.parent == "option":
         options["ntlm_parent"] = parent.url
     elif route.parent == "dead":

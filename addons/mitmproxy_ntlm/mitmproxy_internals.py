@@ -1015,10 +1015,6 @@ def set_pool(pool: ParentPool | None) -> None:
         server.ConnectionHandler.handle_connection = _handle_connection  # type: ignore[method-assign]
 
 
-def pool_patched() -> bool:
-    return server.ConnectionHandler.open_connection is _open_connection
-
-
 def parent_tunnel(context: Any) -> layer.Layer:
     """The parent tunnel (CONNECT with NTLM) for a regular-mode CONNECT or a SOCKS5 connection,
     as upstream mode builds it for its CONNECTs; mitmproxy picks the layer under it."""

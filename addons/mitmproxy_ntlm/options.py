@@ -220,6 +220,10 @@ def items(value: Sequence[str]) -> list[str]:
     return [part.strip() for element in value for part in element.split(",") if part.strip()]
 
 
+def _at_least(minimum: int) -> str:
+    return "0 or more" if minimum == 0 else f"at least {minimum}"
+
+
 def _shown(name: str, value: Any) -> str:
     return "(value not shown)" if name in SECRET else repr(value)
 
@@ -235,8 +239,7 @@ def problems(opts: Any, names: Iterable[str]) -> list[str]:
         if o.choices and value not in o.choices:
             found.append(f"{name}={value!r} is not accepted: use one of {', '.join(o.choices)}")
         elif o.minimum is not None and value < o.minimum:
-            what = "0 or more" if o.minimum == 0 else f"at least {o.minimum}"
-            found.append(f"{name}={value} is not accepted: it must be {what}")
+            found.append(f"{name}={value} is not accepted: it must be {_at_least(o.minimum)}")
     return found
 
 
@@ -278,8 +281,7 @@ def convert(name: str, raw: Any) -> Any:
         except ValueError:
             raise exceptions.OptionsError(
                 f"{name}={raw!r} is not accepted: it must be a whole number"
-                + (f", {'0 or more' if o.minimum == 0 else f'at least {o.minimum}'}"
-                   if o.minimum is not None else "")) from None
+                + (f", {_at_least(o.minimum)}" if o.minimum is not None else "")) from None
     raise AssertionError(f"unhandled option type for {name}")  # pragma: no cover
 
 

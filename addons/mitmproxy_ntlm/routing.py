@@ -192,11 +192,6 @@ class ParentRouter:
                         spec_text(spec), reason)
         return False
 
-    def reload_pac(self) -> None:
-        """Fetch the PAC again now (e.g. on SIGHUP), in the background."""
-        if self._pac_watch is not None:
-            self._pac_watch.reload_now()
-
     def _is_own(self, host: str, port: int) -> bool:
         """Whether host:port is this mitmproxy (a discovered proxy must not loop back to us)."""
         if port not in self._own_ports():

@@ -46,8 +46,7 @@ class AddonGroup:
 
     A part may name hooks it has no use for under the current options (`idle_hooks()`):
     after each `configure` the group stops offering them, until an option change needs
-    them again. A part with a `hooks_changed` attribute gets `refresh` there, to call when
-    its idle hooks change between option changes."""
+    them again."""
 
     def __init__(self, *parts: object, namespace: dict[str, Any] | None = None) -> None:
         self.parts = parts
@@ -60,8 +59,6 @@ class AddonGroup:
             namespace["addons"] = []  # nothing below the module for mitmproxy to walk
         self._bind(configured=False)
         for part in parts:
-            if hasattr(part, "hooks_changed"):
-                part.hooks_changed = self.refresh
             for attr in dir(part):
                 if not attr.startswith("_") and hasattr(method := getattr(part, attr),
                                                         "command_name"):
@@ -82,10 +79,6 @@ class AddonGroup:
             handlers += [h for h in (self._own_hooks.get(name),) if h is not None]
             # None: mitmproxy skips the hook without calling anything.
             self._publish(name, _in_order(handlers) if handlers else None)
-
-    def refresh(self) -> None:
-        """A part's idle hooks changed outside `configure`."""
-        self._bind(configured=True)
 
     def configure(self, updated: set[str]) -> None:
         try:

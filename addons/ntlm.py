@@ -7,7 +7,6 @@ For a checkout (mitmproxy puts this folder on sys.path while loading the script)
 package ships the same script: `mitmdump -s "$(mitm-ntlm script)"`.
 """
 
-from mitmproxy_ntlm.script import serve_from
+from mitmproxy_ntlm.script import new_group
 
-# This module is the addon: mitmproxy walks a script's addons for every event, and stops here.
-serve_from(globals())
+addons = [new_group()]

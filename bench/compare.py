@@ -52,12 +52,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+if str(ROOT) not in sys.path:  # `python bench/compare.py` puts bench/, not the checkout, there
+    sys.path.insert(0, str(ROOT))
 
-from soak import free_port, raise_fd_limit  # noqa: E402  (the soak test's own helpers)
-
-from servers import Squid, client_env  # noqa: E402
+from bench.soak import raise_fd_limit  # noqa: E402  (the soak test's own helper)
+from mitmproxy_ntlm.testing import http1  # noqa: E402
+from tests.servers import Squid, client_env, free_port  # noqa: E402
 
 ADDON = ROOT / "addons" / "ntlm.py"
 PX_VENV = ROOT / "bench" / ".venv-px"
@@ -704,11 +704,12 @@ async def _one_request(proxy: tuple[str, int], url: str, ctx: ssl.SSLContext) ->
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, int]:
-    """Status code and Content-Length of the response head on ``reader``."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    status = int(head.split(None, 2)[1])
-    m = re.search(r"^content-length:\s*(\d+)", head, re.I | re.M)
-    return status, int(m.group(1)) if m else 0
+    """Status code and Content-Length (else 0) of the response head on ``reader``."""
+    response = await http1.read_response(reader)
+    if response is None:
+        raise ConnectionResetError("the proxy closed the connection")
+    size = http1.body_size(response)
+    return response.status_code, size if size and size > 0 else 0
 
 
 def run_newconn(proxy: str, url: str, seconds: float, conns: int) -> Load:

@@ -38,9 +38,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/instructions.py` puts bench/, not the checkout, there
+    sys.path.insert(0, str(ROOT))
 
-from compare import Config, Running, Stack, _read_head, stack, start_mitmdump
+from bench.compare import Config, Running, Stack, _read_head, stack, start_mitmdump  # noqa: E402
 
 WORKLOADS = ("keepalive", "newconn", "c200")
 CONTENDERS = ("mitmdump", "addon")  # stock first: the baseline

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+if str(ROOT) not in sys.path:  # `python bench/pool_bench.py` puts bench/, not the checkout, there
+    sys.path.insert(0, str(ROOT))
 
-from soak import QuietMitmdump  # noqa: E402
-
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER  # noqa: E402
-from mitm import Mitmdump, curl  # noqa: E402
-from mitmproxy_ntlm.testparent import ParentProxy  # noqa: E402
-from servers import Origin  # noqa: E402
+from bench.soak import QuietMitmdump  # noqa: E402
+from mitmproxy_ntlm.testing.parent import ParentProxy  # noqa: E402
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER  # noqa: E402
+from tests.mitm import Mitmdump, curl  # noqa: E402
+from tests.servers import Origin  # noqa: E402
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 QUIET = {"flow_detail": 0}  # and termlog_verbosity=warn (QuietMitmdump)

@@ -27,7 +27,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import sys
 import tempfile
@@ -40,14 +39,14 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+if str(ROOT) not in sys.path:  # `python bench/soak.py` puts bench/, not the checkout, there
+    sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from mitm import Mitmdump  # noqa: E402
-from mitmproxy_ntlm.testparent import ParentProxy  # noqa: E402
-from servers import Origin, Squid, pattern_bytes, wait_port  # noqa: E402
+from mitmproxy_ntlm.testing.parent import ParentProxy  # noqa: E402
+from tests.mitm import Mitmdump  # noqa: E402
+from tests.servers import Origin, Squid, free_port, pattern_bytes, wait_port  # noqa: E402
 
 DOMAIN = "CORP"
 USERS: dict[str, str] = {"CORP\\alice": "Alice-Pass-1", "CORP\\bob": "Bob-Pass-2"}
@@ -158,13 +157,6 @@ class SoakResult:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    """A port free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class QuietMitmdump(Mitmdump):

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump
-from mitmproxy_ntlm.testparent import ParentProxy
-from servers import GitServer, Origin, PackageIndex, Squid
+from mitmproxy_ntlm.testing.parent import ParentProxy
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import Mitmdump
+from tests.servers import GitServer, Origin, PackageIndex, Squid
 
 TEST_USERS: dict[str, str] = {f"{TEST_DOMAIN}\\{TEST_USER}": TEST_PASSWORD}
 
@@ -137,7 +137,7 @@ BOB_PASSWORD = "Bob-Pass-2x"
 @pytest.fixture(scope="session")
 def domain() -> Iterator[Any]:
     """A Samba AD DC for CORP.TEST on loopback: alice (the test password), bob, carol, dave."""
-    from domain import SambaDC
+    from tests.domain import SambaDC
 
     users = {TEST_USER: TEST_PASSWORD, "bob": BOB_PASSWORD, "carol": "Carol-Pass-3x",
              "dave": "Dave-Pass-4x"}
@@ -148,7 +148,7 @@ def domain() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def domain_squid(domain: Any) -> Iterator[Squid]:
     """Squid offering Negotiate (Kerberos, or NTLM inside) and NTLM, both checked by the DC."""
-    from domain import domain_squid as make
+    from tests.domain import domain_squid as make
 
     with make(domain) as s:
         yield s

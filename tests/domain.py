@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-from servers import Squid
+from tests.servers import Squid
 
 REALM = "CORP.TEST"
 DOMAIN = "CORP"

@@ -125,7 +125,7 @@ class Mitmdump:
 
 def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real curl; output is text, stderr kept for diagnostics."""
-    from servers import client_env
+    from tests.servers import client_env
 
     return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True,
                           timeout=timeout, env=client_env())

@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import hashlib
 import http.server
-import io
 import ipaddress
 import json
 import logging
@@ -31,6 +30,8 @@ import zipfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Generic, NamedTuple, Self, TypeVar
+
+from mitmproxy_ntlm.testing import http1
 
 logger = logging.getLogger(__name__)
 
@@ -151,30 +152,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("%s %s", type(self.server.owner).__name__, format % args)
 
     def read_body(self) -> tuple[bytes, bool]:
-        """Read the request body by Content-Length or chunked coding; return (body, chunked)."""
-        te = self.headers.get_all("Transfer-Encoding") or []
-        if any("chunked" in v.lower() for v in te):
-            return self._read_chunked(), True
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b"", False
-
-    def _read_chunked(self) -> bytes:
-        """Decode chunked coding (http.server does not), discarding extensions and trailers."""
-        out = io.BytesIO()
-        while True:
-            line = self.rfile.readline(65537)
-            if not line:
-                raise ConnectionError("EOF in chunked body")
-            size = int(line.split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                while self.rfile.readline(65537).strip():
-                    pass
-                return out.getvalue()
-            data = self.rfile.read(size)
-            if len(data) != size:
-                raise ConnectionError("EOF in chunk")
-            out.write(data)
-            self.rfile.readline(3)
+        """Read the request body by Content-Length or chunked coding (http.server reads
+        neither); return (body, chunked)."""
+        size = http1.body_size(self)  # this handler's `headers` stand for the request's
+        if size is None:
+            return http1.read_chunked(self.rfile), True
+        return self.rfile.read(size) if size > 0 else b"", False
 
     def send_bytes(
         self,
@@ -1025,7 +1008,7 @@ class NtlmOrigin(Origin):
         """One acceptor step, with pyspnego's user table pointing at this server's users."""
         import spnego
 
-        from mitmproxy_ntlm import testparent
+        from mitmproxy_ntlm.testing import parent as testparent
 
         with testparent._ENV_LOCK:
             os.environ["NTLM_USER_FILE"] = self._user_file

@@ -15,11 +15,12 @@ import pytest
 from mitmproxy.proxy.layers.http import _upstream_proxy
 from mitmproxy.test import taddons
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import ROOT, Mitmdump, curl
 from mitmproxy_ntlm import mitmproxy_internals
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
-from servers import client_env, free_port
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import ROOT, Mitmdump, curl
+from tests.servers import client_env, free_port
+from tests.web import MitmwebApi
 
 
 @pytest.mark.parametrize("name", ["upstream.yaml", "regular-mode.yaml", "failover.yaml",
@@ -70,11 +71,7 @@ def test_multiuser_config_yaml_works(tmp_path: Path, make_parent, origin) -> Non
 
 
 def test_demo_mode_from_the_readme(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cli = Path(sys.executable).parent / "mitm-ntlm"
     env = client_env(home=tmp_path)
     proc = subprocess.Popen([str(cli), "start", "--port", str(port)], stdout=subprocess.PIPE,
@@ -139,21 +136,17 @@ def _dead_parent() -> str:
 
 
 def test_mitmweb_shows_the_authentication_on_the_flow(tmp_path: Path, parent, origin) -> None:
-    import httpx
-
     web_port = free_port()
     m = Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
                               "ntlm_password_env": "PW", "web_port": web_port},
                  confdir=tmp_path, tool="mitmweb", env={"PW": TEST_PASSWORD})
     with m:
         assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
-        assert m.wait_for("Web server listening")
-        token = re.search(r"token=([\w-]+)", m.output)
-        params = {"token": token.group(1)} if token else {}  # mitmweb 12 wants its token
+        web = MitmwebApi(m, web_port)
         flows = []
         deadline = time.monotonic() + 10
         while not flows and time.monotonic() < deadline:
-            r = httpx.get(f"http://127.0.0.1:{web_port}/flows", params=params)
+            r = web.get("/flows")
             assert r.status_code == 200, r.text
             flows = [f for f in r.json() if f.get("comment")]
             time.sleep(0.1)
@@ -212,33 +205,32 @@ def _stop_process_group(leader: int) -> None:
 
 
 def test_script_group_exposes_every_hook_and_command_of_its_parts() -> None:
-    """mitmproxy sees the script's addons as one object, the script module itself (speed);
-    nothing may get lost."""
+    """mitmproxy sees the script's addons as one object, the module's only addon; nothing may
+    get lost."""
     import importlib.util
 
     from mitmproxy import hooks
 
-    from mitmproxy_ntlm import script
+    from mitmproxy_ntlm.script import AddonGroup
 
     spec = importlib.util.spec_from_file_location("ntlm_script", ROOT / "addons" / "ntlm.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    (group,) = script.addons
-    for holder in (group, module):
-        for part in group.parts:
-            for name in hooks.all_hooks:
-                if callable(getattr(part, name, None)):
-                    assert callable(getattr(holder, name, None)), f"{type(part).__name__}.{name}"
-        commands = {getattr(holder, a).command_name for a in dir(holder)
-                    if hasattr(getattr(holder, a), "command_name")}
-        assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
-        # Every hook name answers (None: nobody has it), without an AttributeError; but not
-        # add_log: mitmproxy warns "The add_log event has been deprecated" for the attribute.
-        assert all(hasattr(holder, name) for name in hooks.all_hooks if name != "add_log")
-        assert not hasattr(holder, "add_log")
+    (group,) = module.addons
+    assert isinstance(group, AddonGroup)
+    for part in group.parts:
+        for name in hooks.all_hooks:
+            if callable(getattr(part, name, None)):
+                assert callable(getattr(group, name, None)), f"{type(part).__name__}.{name}"
+    commands = {getattr(group, a).command_name for a in dir(group)
+                if hasattr(getattr(group, a), "command_name")}
+    assert {"ntlm.status", "ntlm.reset", "ntlm.decode"} <= commands
+    # Every hook name answers (None: nobody has it); but not add_log: mitmproxy warns "The
+    # add_log event has been deprecated" for the attribute.
+    assert all(hasattr(group, name) for name in hooks.all_hooks if name != "add_log")
+    assert not hasattr(group, "add_log") and not hasattr(module, "add_log")
     assert not hasattr(group, "addons")  # mitmproxy would walk the parts again
-    assert module.addons == []  # the walk stops at the module
 
 
 def test_group_offers_only_the_hooks_the_options_need() -> None:
@@ -251,9 +243,12 @@ def test_group_offers_only_the_hooks_the_options_need() -> None:
     from mitmproxy_ntlm.access import ClientAccess
     from mitmproxy_ntlm.origin import OriginAuth
     from mitmproxy_ntlm.routing import ParentRouter
+    from mitmproxy_ntlm.runtime import Runtime
     from mitmproxy_ntlm.script import AddonGroup
 
-    access, router, auth, origin = ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth()
+    runtime = Runtime()
+    access, router = ClientAccess(), ParentRouter(runtime)
+    auth, origin = NtlmUpstreamAuth(runtime), OriginAuth(runtime)
     group = AddonGroup(access, router, auth, origin)
     from mitmproxy.test import tflow
 

@@ -47,8 +47,7 @@ def test_outputs_exist(bench_run: tuple[Path, dict]) -> None:
 
 
 def test_every_contender_measured_or_skipped_with_reason(bench_run: tuple[Path, dict]) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from compare import CONTENDERS
+    from bench.compare import CONTENDERS
 
     out, raw = bench_run
     table = (out / "compare.md").read_text()

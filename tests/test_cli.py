@@ -23,10 +23,10 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons
 from mitmproxy.utils import typecheck
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
-from mitm import ADDON, BIN, Mitmdump, curl
 from mitmproxy_ntlm import script
-from servers import free_port
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
+from tests.mitm import ADDON, BIN, Mitmdump, curl
+from tests.servers import free_port
 
 CLI = str(BIN / "mitm-ntlm")
 NON_ASCII = "Pässwörd1"
@@ -329,7 +329,7 @@ def test_import_multi_proxy_conf_and_report(tmp_path: Path) -> None:
         "ntlm_dialect": "ntlmv1",
         "modify_headers": [header],
     }
-    with taddons.context(ModifyHeaders(), Proxyserver(), *script.addons) as tctx:
+    with taddons.context(ModifyHeaders(), Proxyserver(), script.new_group()) as tctx:
         for key, value in config.items():  # every option exists and has the right type
             typecheck.check_option_type(key, value, tctx.options._options[key].typespec)
     spec = parse_modify_spec(header, False)

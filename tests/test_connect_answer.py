@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from constants import TEST_DOMAIN
-from mitm import curl
+from tests.constants import TEST_DOMAIN
+from tests.mitm import curl
 
 USERS = {"CORP\\alice": "Alice-Pass-1"}
 MULTI = {"ntlm_multiuser": True, "ntlm_domain": TEST_DOMAIN}

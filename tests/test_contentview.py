@@ -29,13 +29,11 @@ from spnego._asn1 import (
     pack_asn1_octet_string,
     pack_asn1_sequence,
 )
-from spnego._context import GSSMech
-from spnego._ntlm_raw.messages import Authenticate
-from spnego._spnego import InitialContextToken, NegTokenInit
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from mitmproxy_ntlm import contentview
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
+from mitmproxy_ntlm.spnego_internals import Authenticate, GSSMech, InitialContextToken, NegTokenInit
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 
 NAME = contentview.NAME
 TICKET_CIPHER = bytes(range(7, 7 + 64))  # stands for the ticket's encrypted part
@@ -319,9 +317,9 @@ def test_mitmweb_serves_the_decoded_handshake_of_a_flow(tmp_path) -> None:
     """A client that does NTLM itself with an intranet server, through mitmweb: its flows'
     auth headers decode through mitmweb's content-view API, and no response bytes appear."""
 
-    from mitm import Mitmdump, curl
-    from servers import NtlmOrigin, free_port
-    from web import MitmwebApi as Web
+    from tests.mitm import Mitmdump, curl
+    from tests.servers import NtlmOrigin, free_port
+    from tests.web import MitmwebApi as Web
 
     web_port = free_port()
     with NtlmOrigin({f"{TEST_DOMAIN}\\{TEST_USER}": TEST_PASSWORD}) as intranet, \
@@ -330,8 +328,8 @@ def test_mitmweb_serves_the_decoded_handshake_of_a_flow(tmp_path) -> None:
                  f"{intranet.url}/hello")
         assert r.stdout == "hello", r.stderr
         web = Web(m, web_port)
-        assert NAME in web.client.get(f"{web.base}/state").json()["contentViews"] or \
-            NAME.lower() in web.client.get(f"{web.base}/state").json()["contentViews"]
+        views = web.get("/state").json()["contentViews"]
+        assert NAME in views or NAME.lower() in views
         flows = web.flows()
         challenged = next(f for f in flows if f["response"]["status_code"] == 401 and any(
             k.lower() == "www-authenticate" and v.startswith("NTLM T")
@@ -339,8 +337,8 @@ def test_mitmweb_serves_the_decoded_handshake_of_a_flow(tmp_path) -> None:
         authenticated = next(f for f in flows if f["response"]["status_code"] == 200)
 
         def view(flow: dict, message: str, name: str = NAME) -> dict:
-            answer = web.client.get(f"{web.base}/flows/{flow['id']}/{message}/content/"
-                                    f"{name.replace('/', '%2F')}.json")
+            answer = web.get(f"/flows/{flow['id']}/{message}/content/"
+                             f"{name.replace('/', '%2F')}.json")
             assert answer.status_code == 200, answer.text
             return answer.json()
 
@@ -361,11 +359,10 @@ def test_mitmweb_serves_the_decoded_handshake_of_a_flow(tmp_path) -> None:
 def test_mitmweb_decodes_the_hidden_legs_without_their_secrets(tmp_path, parent, origin) -> None:
     """With ntlm_show_legs, the 407 legs mitmproxy-ntlm did itself are flows whose tokens
     this view decodes (chosen by itself); the Type 3 was never kept, its summary is shown."""
-    from test_report import forbidden
-
-    from mitm import Mitmdump, curl
-    from servers import free_port
-    from web import MitmwebApi as Web
+    from tests.mitm import Mitmdump, curl
+    from tests.servers import free_port
+    from tests.test_report import forbidden
+    from tests.web import MitmwebApi as Web
 
     web_port = free_port()
     with Mitmdump(parent.url, {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN,
@@ -377,8 +374,7 @@ def test_mitmweb_decodes_the_hidden_legs_without_their_secrets(tmp_path, parent,
         shown_views = []
         for flow in web.flows():
             for message in ("request", "response"):
-                answer = web.client.get(
-                    f"{web.base}/flows/{flow['id']}/{message}/content/Auto.json").json()
+                answer = web.get(f"/flows/{flow['id']}/{message}/content/Auto.json").json()
                 shown_views.append(_view_text(answer))
     everything = "\n".join(shown_views)
     assert "NTLM Type 2 (Challenge)" in everything and "target info:" in everything

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from mitmproxy.io import FlowReader
 
-from constants import TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
-from domain import REALM, SambaDC, domain_squid, programs_below
-from mitm import Mitmdump, curl
-from servers import free_port
+from tests.constants import TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
+from tests.domain import REALM, SambaDC, domain_squid, programs_below
+from tests.mitm import Mitmdump, curl
+from tests.servers import free_port
 
 pytestmark = pytest.mark.dc
 
@@ -95,7 +95,7 @@ def test_wrong_password_rejected_by_the_dc_and_the_guard_stops_before_lockout(
 
 
 def test_multiuser_each_client_logs_on_as_itself_at_the_dc(mitm, domain, domain_squid, origin):
-    from conftest import BOB_PASSWORD
+    from tests.conftest import BOB_PASSWORD
 
     m = mitm(parent_url(domain_squid), {"ntlm_multiuser": True, "ntlm_domain": "CORP"},
              env=env_for(domain))
@@ -130,8 +130,8 @@ def test_kerberos_from_a_ticket_cache(mitm, domain, domain_squid, origin, tls_or
 
 def test_kerberos_in_mitmweb_flows_and_legs_with_the_token_redacted(domain, domain_squid,
                                                                      origin, tmp_path):
-    from test_trace import _wait
-    from web import MitmwebApi as Web
+    from tests.test_trace import _wait
+    from tests.web import MitmwebApi as Web
 
     ccache = tmp_path / "krb5cc"
     domain.kinit(TEST_USER, TEST_PASSWORD, ccache)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl
-from servers import free_port
-from web import MitmwebApi
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import Mitmdump, curl
+from tests.servers import free_port
+from tests.web import MitmwebApi
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from mitm import run_concurrently
 from mitmproxy_ntlm.bounded import BoundedMap
 from mitmproxy_ntlm.credentials import CredentialError, Credentials, account_of
 from mitmproxy_ntlm.multiuser import client_credentials, decode_basic
 from mitmproxy_ntlm.policy import AttemptsBusy, AuthUnavailable, LockoutGuard, UpstreamPolicy
+from tests.mitm import run_concurrently
 
 USERS = {"CORP\\alice": "Alice-Pass-1", "CORP\\bob": "Bob-Pass-2"}
 MULTI = {"ntlm_multiuser": True, "ntlm_domain": "CORP"}
@@ -207,7 +207,7 @@ def test_pool_forgets_the_closed_connections_of_endless_users() -> None:
         def is_closing(self) -> bool:
             return self.closing
 
-    pool = ParentPool(60, 10)
+    pool = ParentPool(60, 10, per_key=16, wait_timeout=5.0, grace=0.0)
     writers = []
     for i in range(3_000):
         creds = Credentials(f"bogus{i}", "CORP", "WS", nt_hash=b"\0" * 16)

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_USER
-from mitm import curl
 from mitmproxy_ntlm.interception import InterceptError, tls_options
 from mitmproxy_ntlm.os_trust import os_trust_store
+from tests.constants import TEST_DOMAIN, TEST_USER
+from tests.mitm import curl
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import ROOT
 from mitmproxy_ntlm.versions import mitmproxy_tested
-from servers import free_port, wait_port
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import ROOT
+from tests.servers import free_port, wait_port
 
 pytestmark = pytest.mark.installed
 

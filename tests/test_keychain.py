@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_PASSWORD, TEST_PRINCIPAL
-from mitm import BIN, curl
 from mitmproxy_ntlm import keychain
 from mitmproxy_ntlm.credentials import CredentialError, SecretSources
+from tests.constants import TEST_PASSWORD, TEST_PRINCIPAL
+from tests.mitm import BIN, curl
 
 CLI = str(BIN / "mitm-ntlm")
 ENTRY = TEST_PRINCIPAL  # CORP\alice

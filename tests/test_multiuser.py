@@ -13,8 +13,8 @@ import httpx
 import pytest
 from mitmproxy.io import FlowReader
 
-from constants import TEST_DOMAIN
-from mitm import curl, run_concurrently
+from tests.constants import TEST_DOMAIN
+from tests.mitm import curl, run_concurrently
 
 USERS = {"CORP\\alice": "Alice-Pass-1", "CORP\\bob": "Bob-Pass-2"}
 MULTI = {"ntlm_multiuser": True, "ntlm_domain": TEST_DOMAIN}

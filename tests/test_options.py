@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
-from mitm import BIN, Mitmdump, curl
 from mitmproxy_ntlm import options
-from mitmproxy_ntlm.testparent import ParentProxy
-from servers import free_port
-from web import MitmwebApi
+from mitmproxy_ntlm.testing.parent import ParentProxy
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER, WRONG_PASSWORD
+from tests.mitm import BIN, Mitmdump, curl
+from tests.servers import free_port
+from tests.web import MitmwebApi
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
 CLI = str(BIN / "mitm-ntlm")
@@ -50,6 +50,46 @@ def test_secret_values_are_never_repeated_in_messages() -> None:
     with pytest.raises(Exception) as e:
         options.convert("ntlm_password", 12345)
     assert "12345" not in str(e.value) and "value not shown" in str(e.value)
+
+
+def test_each_addon_configures_again_on_the_options_it_reads() -> None:
+    """The option names each addon's `configure` watches come from the option table: each
+    watches its own section, and names only options that exist."""
+    from mitmproxy.addons.proxyauth import ProxyAuth
+    from mitmproxy.addons.proxyserver import Proxyserver
+    from mitmproxy.test import taddons
+
+    from mitmproxy_ntlm.script import new_group
+
+    watched = {
+        options.READ_BY_POLICY: options.CREDENTIALS,
+        options.READ_BY_POOL: options.POOL,
+        options.READ_BY_ROUTER: options.ROUTING,
+        options.READ_BY_ACCESS: options.ACCESS,
+        options.READ_BY_ORIGIN: options.ORIGIN,
+    }
+    with taddons.context(ProxyAuth(), Proxyserver(), new_group()) as tctx:
+        for names, section in watched.items():
+            assert options.names(section) <= names
+            assert names <= set(tctx.options.keys()), names - set(tctx.options.keys())
+    assert options.UPSTREAM[:len(options.CREDENTIALS + options.POOL)] == \
+        options.CREDENTIALS + options.POOL
+    assert options.names(options.POOL) == {o.name for o in options.OPTIONS
+                                           if o.name.startswith("ntlm_pool")}
+
+
+def test_classes_taking_option_values_default_to_the_options_defaults() -> None:
+    from mitmproxy_ntlm.parents import ParentList
+    from mitmproxy_ntlm.policy import UpstreamPolicy
+
+    policy = UpstreamPolicy(creds=None)
+    assert (policy.dialect.value, policy.guard.limit, policy.replay_limit,
+            policy.handshake_timeout, policy.multiuser, policy.realm, policy.rejected_ttl) == (
+        options.default("ntlm_dialect"), options.default("ntlm_max_failures"),
+        options.default("ntlm_replay_limit"), options.default("ntlm_handshake_timeout"),
+        options.default("ntlm_multiuser"), options.default("ntlm_realm"),
+        options.default("ntlm_lockout_cooldown"))
+    assert ParentList([]).retry_after == options.default("ntlm_parent_retry")
 
 
 # --------------------------------------------------------------------------- start-up

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
-from mitm import curl
 from mitmproxy_ntlm import discovery
 from mitmproxy_ntlm.discovery import SystemProbe
 from mitmproxy_ntlm.pac import Found, PacError, PacResolver
 from mitmproxy_ntlm.pac_watch import PacWatcher, network_fingerprint
-from servers import free_port
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
+from tests.mitm import curl
+from tests.servers import free_port
 
 ENV = {"PW": TEST_PASSWORD}
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW",

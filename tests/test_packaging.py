@@ -9,9 +9,9 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-from mitm import ROOT
 from mitmproxy_ntlm import mitmproxy_internals
 from mitmproxy_ntlm.versions import mitmproxy_tested
+from tests.mitm import ROOT
 
 RELEASES = ["10.3.1", "10.4.2", "11.0.2", "11.1.3", "12.0.1", "12.1.2", "12.2.3", "12.3.0",
             "12.3.1", "12.4.0", "13.0.0"]
@@ -44,6 +44,18 @@ def test_pyspnego_private_modules_are_bounded() -> None:
     assert not spec.contains("0.13.0")  # spnego._ntlm_raw is private: untested releases are out
 
 
+@pytest.mark.parametrize("version", ["0.11.2", "0.12.0", "0.12.4", "0.13.0", "1.0.0"])
+def test_pyspnego_check_admits_what_pip_admits(version: str) -> None:
+    """spnego_internals refuses, naming the tested line, what pyproject's range keeps out."""
+    from mitmproxy_ntlm import spnego_internals
+
+    if dependency("pyspnego").specifier.contains(version):
+        spnego_internals.check_version(version)
+    else:
+        with pytest.raises(spnego_internals.UnsupportedPyspnego, match=r"0\.12\.x"):
+            spnego_internals.check_version(version)
+
+
 def mitm_ntlm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mitmproxy_ntlm", *args], capture_output=True,
                           text=True, timeout=60, cwd="/")
@@ -67,7 +79,7 @@ def test_script_and_configs_are_files_of_the_package() -> None:
     package = Path(mitmproxy_ntlm.__file__).parent
     script = Path(mitm_ntlm("script").stdout.strip())
     assert script.is_file() and package in script.parents
-    assert "serve_from(globals())" in script.read_text()
+    assert "addons = [new_group()]" in script.read_text()
     configs = [Path(p) for p in mitm_ntlm("configs").stdout.split()]
     assert {p.name for p in configs} == {"upstream.yaml", "multiuser.yaml", "regular-mode.yaml",
                                          "failover.yaml", "pac.yaml"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,11 +12,12 @@ from mitmproxy import exceptions
 from mitmproxy.addons.proxyauth import ProxyAuth
 from mitmproxy.test import taddons
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
-from mitm import curl
 from mitmproxy_ntlm.access import ClientAccess
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
-from mitmproxy_ntlm.testparent import ParentProxy
+from mitmproxy_ntlm.testing.parent import ParentProxy
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
+from tests.mitm import curl
+from tests.servers import free_port
 
 ENV = {"PW": TEST_PASSWORD}
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
@@ -25,9 +25,7 @@ LAZY = {"connection_strategy": "lazy"}
 
 
 def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_failover_to_the_next_parent_in_regular_mode(mitm, parent, origin):

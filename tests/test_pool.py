@@ -18,13 +18,13 @@ import time
 import pytest
 from mitmproxy.io import FlowReader
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl, run_concurrently
 from mitmproxy_ntlm import wire
 from mitmproxy_ntlm.credentials import Credentials
 from mitmproxy_ntlm.pool import ParentPool, PooledConnection, PoolKey
-from servers import free_port
-from web import MitmwebApi as Web
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import Mitmdump, curl, run_concurrently
+from tests.servers import free_port
+from tests.web import MitmwebApi as Web
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
 ENV = {"PW": TEST_PASSWORD}
@@ -435,7 +435,8 @@ def _salvage(parts: list[bytes | float], chunked_seen: bytes | None = None, **li
     key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
 
     async def run() -> tuple[bool, ParentPool]:
-        pool = ParentPool(30, 4, **limits)  # type: ignore[arg-type]
+        pool = ParentPool(30, 4, per_key=16, wait_timeout=5.0, grace=0.0,
+                          **limits)  # type: ignore[arg-type]
         async with _Scripted(parts) as (reader, writer):
             pool.track(key, writer)
             entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
@@ -477,7 +478,7 @@ def test_a_connection_handed_over_as_the_wait_times_out_is_not_lost():
     key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
 
     async def run() -> None:
-        pool = ParentPool(30, 4, grace=0.05)
+        pool = ParentPool(30, 4, per_key=16, wait_timeout=5.0, grace=0.05)
         async with _Scripted([]) as (reader, writer):
             pool.track(key, writer)
             entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
@@ -501,7 +502,7 @@ def test_a_connection_handed_to_a_request_that_is_cancelled_passes_on():
     key = PoolKey("http", ("127.0.0.1", 1), Credentials("alice", "CORP", "WS", b"\1" * 16))
 
     async def run() -> None:
-        pool = ParentPool(30, 4)
+        pool = ParentPool(30, 4, per_key=16, wait_timeout=5.0, grace=0.0)
         async with _Scripted([]) as (reader, writer):
             pool.track(key, writer)
             entry = PooledConnection(key, reader, writer, authenticated_at=time.time())
@@ -534,7 +535,7 @@ def _pooled_engine(request: bytes = STRAY_GET):  # type: ignore[no-untyped-def]
     creds = Credentials("alice", "CORP", "WS", b"\1" * 16)
     engine = eng.AuthEngine(UpstreamPolicy(creds=creds), "parent:8080", "client:1",
                             target_host="parent", client_id="c1")
-    engine.track_reuse = True
+    engine.reuse.track = True
     engine.adopt(creds, time.time(), 2)
     assert {type(a) for a in engine.from_child(request)} == {eng.ToParent}
     return eng, engine
@@ -546,7 +547,7 @@ def test_bytes_after_a_complete_response_are_dropped_and_close_the_connection():
     actions = engine.from_parent(response + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
     assert b"".join(a.data for a in actions if isinstance(a, eng.ToChild)) == response
     assert any(isinstance(a, eng.CloseParent) for a in actions)
-    assert not engine.reusable() and engine.stray
+    assert not engine.reusable() and engine.reuse.stray
     assert engine.from_parent(b"more") == []  # nothing else from it reaches anyone
 
 
@@ -563,7 +564,7 @@ def test_a_response_that_does_not_start_cleanly_is_retried_or_failed_unquoted(re
         [page] = [a.data for a in actions if isinstance(a, eng.ToChild)]
         assert page.startswith(b"HTTP/1.1 502") and b"not an HTTP response" in page
         assert b"tail" not in page and b"secret" not in page
-    assert engine.stray
+    assert engine.reuse.stray
 
 
 def _sequential_clients(m, origin, n: int) -> list[str]:  # type: ignore[no-untyped-def]

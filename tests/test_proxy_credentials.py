@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN
-from mitm import curl
-from servers import free_port
+from tests.constants import TEST_DOMAIN
+from tests.mitm import curl
+from tests.servers import free_port
 
 PASSWORD = "Alice-Pass-1"
 CLIENT_BASIC = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()

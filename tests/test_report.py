@@ -13,16 +13,15 @@ import json
 import re
 from pathlib import Path
 
-from spnego._ntlm_raw.messages import Authenticate
-from test_secrets import secret_forms
-
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
-from mitm import Mitmdump, curl
 from mitmproxy_ntlm import __version__
 from mitmproxy_ntlm.credentials import hashes_from_password
 from mitmproxy_ntlm.report import without_userinfo
-from servers import free_port
-from web import MitmwebApi as Web
+from mitmproxy_ntlm.spnego_internals import Authenticate
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
+from tests.mitm import Mitmdump, curl
+from tests.servers import free_port
+from tests.test_secrets import secret_forms
+from tests.web import MitmwebApi as Web
 
 
 def forbidden(type3_tokens: list[str], *passwords: str) -> list[str]:
@@ -60,8 +59,7 @@ def test_report_explains_the_handshakes_and_holds_no_secret(tmp_path: Path, pare
         assert curl("--cacert", str(m.ca_cert), "-x", m.url, f"{tls_origin.url}/hello"
                     ).stdout == "hello"
         web = Web(m, web_port)
-        answer = web.client.post(f"{web.base}/commands/ntlm.report", json={"arguments": []},
-                                 headers={"X-XSRFToken": web.xsrf}).json()
+        answer = web.run("ntlm.report").json()
     lines = answer["value"]
     assert isinstance(lines, list) and all("\n" not in line for line in lines)
     from_web = "\n".join(lines)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
-from mitm import curl
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER
+from tests.mitm import curl
 
 ROUTED = {"ntlm_parent": None, "connection_strategy": "lazy"}
 

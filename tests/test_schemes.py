@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from constants import TEST_PASSWORD
 from mitmproxy_ntlm.credentials import SecretSources, build_credentials, kerberos_only
 from mitmproxy_ntlm.handshake import Dialect
 from mitmproxy_ntlm.kerberos import KerberosSettings, KerberosTickets
 from mitmproxy_ntlm.schemes import NoScheme, SchemeChooser, SchemeMode
+from tests.constants import TEST_PASSWORD
 
 CREDS = build_credentials("CORP\\alice", "", "WS", SecretSources(password=TEST_PASSWORD))
 NO_CACHE = "FILE:/nonexistent/krb5cc"

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import BIN, Mitmdump
 from mitmproxy_ntlm.credentials import (
     CredentialError,
     SecretSources,
@@ -25,8 +23,10 @@ from mitmproxy_ntlm.credentials import (
     read_secret_file,
 )
 from mitmproxy_ntlm.userfile import MAX_BYTES
-from servers import free_port
-from web import MitmwebApi
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import BIN, Mitmdump
+from tests.servers import free_port
+from tests.web import MitmwebApi
 
 CLI = str(BIN / "mitm-ntlm")
 NT_PASSWORD = hashes_from_password("Password")[1]

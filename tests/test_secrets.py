@@ -8,17 +8,15 @@ received.
 from __future__ import annotations
 
 import base64
-import re
 import time
 from pathlib import Path
 
-import httpx
-from spnego._ntlm_raw.crypto import ntowfv2
-
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
-from servers import free_port
+from mitmproxy_ntlm.spnego_internals import ntowfv2
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import Mitmdump, curl
+from tests.servers import free_port
+from tests.web import MitmwebApi
 
 
 def secret_forms(user: str, domain: str, password: str) -> list[str]:
@@ -32,12 +30,8 @@ def secret_forms(user: str, domain: str, password: str) -> list[str]:
 
 
 def dump(m: Mitmdump, web_port: int) -> str:
-    token = re.search(r"token=([\w-]+)", m.output)
-    params = {"token": token.group(1)} if token else {}
-    with httpx.Client(params=params) as client:
-        flows = client.get(f"http://127.0.0.1:{web_port}/flows").text
-        raw = client.get(f"http://127.0.0.1:{web_port}/flows/dump").content
-    return flows + raw.decode("latin-1")
+    web = MitmwebApi(m, web_port)
+    return web.get("/flows").text + web.dump().decode("latin-1")
 
 
 def test_no_secret_in_any_log_line_or_flow(tmp_path: Path, make_parent, origin, tls_origin):

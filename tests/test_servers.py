@@ -6,6 +6,7 @@ curl's own NTLM implementation is the independent referee here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import http.client
@@ -21,9 +22,10 @@ from pathlib import Path
 import pytest
 import spnego
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
-from mitmproxy_ntlm.testparent import ParentProxy
-from servers import GitServer, Origin, PackageIndex, Squid, client_env, pattern_bytes
+from mitmproxy_ntlm.testing import http1
+from mitmproxy_ntlm.testing.parent import ParentProxy
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_PRINCIPAL, TEST_USER, WRONG_PASSWORD
+from tests.servers import GitServer, Origin, PackageIndex, Squid, client_env, pattern_bytes
 
 CREDS = f"{TEST_DOMAIN}\\{TEST_USER}:{TEST_PASSWORD}"
 BAD_CREDS = f"{TEST_DOMAIN}\\{TEST_USER}:{WRONG_PASSWORD}"
@@ -357,7 +359,7 @@ def test_pip_download_direct(package_index: PackageIndex, tmp_path: Path) -> Non
 
 def test_cli_runs_a_parent(origin: Origin) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "mitmproxy_ntlm.testparent", "--port", "0", "--user", CREDS],
+        [sys.executable, "-m", "mitmproxy_ntlm.testing.parent", "--port", "0", "--user", CREDS],
         stdout=subprocess.PIPE,
         text=True,
         env=client_env(),
@@ -371,3 +373,44 @@ def test_cli_runs_a_parent(origin: Origin) -> None:
         finally:
             proc.terminate()
             assert proc.wait(10) == 0  # SIGTERM is a clean exit
+
+
+def test_shared_reader_frames_messages_as_mitmproxy_does() -> None:
+    """The one HTTP/1 reader of the test and bench servers: heads parsed by mitmproxy, bodies
+    kept as on the wire (for relaying) or decoded, whatever the framing."""
+    chunked = b"5;x=1\r\nhello\r\n0\r\nTrailer: 1\r\n\r\n"
+
+    async def read_all() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(
+            b"\r\nPOST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+            + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+            + b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+        reader.feed_eof()
+        request = await http1.read_request(reader)
+        assert request is not None and (request.method, request.host) == ("POST", "a")
+        assert b"".join([d async for d in http1.iter_body(reader, http1.body_size(request))]) \
+            == chunked
+        response = await http1.read_response(reader)
+        assert response is not None and http1.body_size(response, "HEAD") == 0
+        assert await http1.read_body(reader, http1.body_size(response)) == b"hello"
+        response = await http1.read_response(reader)
+        assert response is not None
+        assert await http1.read_body(reader, http1.body_size(response)) == b"abc"
+        response = await http1.read_response(reader)
+        assert response is not None and http1.body_size(response) == -1
+        assert await http1.read_body(reader, -1) == b"until the end"
+        assert await http1.read_response(reader) is None  # a clean end between messages
+
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n")
+        response = await http1.read_response(reader)
+        assert response is not None
+        with pytest.raises(http1.BadMessage):
+            http1.body_size(response)
+        reader.feed_data(b"GET http://a/ HTTP/9\r\n\r\n")
+        with pytest.raises(http1.BadMessage):
+            await http1.read_request(reader)
+
+    asyncio.run(read_all())

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from constants import TEST_DOMAIN
-from mitm import ROOT, curl
-from mitmproxy_ntlm.testparent import ParentProxy
-from servers import client_env, free_port
+from mitmproxy_ntlm.testing.parent import ParentProxy
+from tests.constants import TEST_DOMAIN
+from tests.mitm import ROOT, curl
+from tests.servers import client_env, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
 

@@ -6,31 +6,11 @@ fd/RSS sampling and the isolation check. RSS growth is not asserted: 8 s is stil
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
+from bench import soak
+
 pytestmark = pytest.mark.slow  # left out of CI's reduced runs on the older mitmproxy lines
-
-SOAK_PATH = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
-
-
-def _load_soak() -> ModuleType:
-    """Import bench/soak.py by path (bench/ is not a package)."""
-    if "soak" in sys.modules:
-        return sys.modules["soak"]
-    spec = importlib.util.spec_from_file_location("soak", SOAK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
 
 
 def test_isolation_check_finds_violations() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from mitmproxy.io import FlowReader
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import Mitmdump, curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
-from servers import free_port
-from web import MitmwebApi as Web
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import Mitmdump, curl
+from tests.servers import free_port
+from tests.web import MitmwebApi as Web
 
 PRINCIPAL = f"{TEST_DOMAIN}\\{TEST_USER}"
 

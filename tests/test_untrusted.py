@@ -10,8 +10,8 @@ import logging
 
 from mitmproxy.io import FlowReader
 
-from constants import TEST_DOMAIN
 from mitmproxy_ntlm.untrusted import EscapedLogArguments, shown
+from tests.constants import TEST_DOMAIN
 
 FORGED = "[ntlm] forged line"
 HOSTILE_USER = f"alice\r\n{FORGED}"

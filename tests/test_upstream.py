@@ -12,10 +12,10 @@ import time
 import httpx
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import curl
 from mitmproxy_ntlm.credentials import hashes_from_password, invert
-from servers import client_env
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import curl
+from tests.servers import client_env, free_port
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN}
 PRINCIPAL = f"{TEST_DOMAIN}\\{TEST_USER}"
@@ -159,11 +159,7 @@ def test_lockout_guard_stops_after_three_rejections(mitm, parent, origin):
 
 
 def test_parent_down(mitm, origin, password_file):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     m = mitm(dead, {**CREDS, "ntlm_password_file": password_file})
     start = time.monotonic()
     r = curl("-x", m.url, "-w", "\n%{http_code}", f"{origin.url}/hello")

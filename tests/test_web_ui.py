@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
-from mitm import ROOT, Mitmdump, curl
-from servers import free_port
+from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
+from tests.mitm import ROOT, Mitmdump, curl
+from tests.servers import free_port
+from tests.web import MitmwebApi
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,9 +53,7 @@ class WebPage:
     """One mitmweb tab: its flow list rows and the selected flow's tabs."""
 
     def __init__(self, browser: Any, m: Mitmdump, port: int) -> None:
-        assert m.wait_for("Web server listening")
-        token = re.search(r"token=([\w-]+)", m.output)  # mitmweb 12 prints one; 11 has none
-        self.url = f"http://127.0.0.1:{port}/" + (f"?token={token.group(1)}" if token else "")
+        self.url = MitmwebApi(m, port).page_url
         self.page = browser.new_page()
         self.page.goto(self.url)
         self.page.wait_for_selector(".main-view")

@@ -72,8 +72,12 @@ def test_challenge_parsing() -> None:
     assert wire.offered_schemes(head) == ["Negotiate", "NTLM", "Basic"]
     basic_only = wire.parse_response_head(
         b"HTTP/1.1 407 x\r\nProxy-Authenticate: Basic realm=x\r\n\r\n")
-    with pytest.raises(wire.WireError, match="not offered"):
+    with pytest.raises(wire.NotOffered, match="not offered"):
         wire.ntlm_challenge(basic_only)
+    bad_token = wire.parse_response_head(b"HTTP/1.1 407 x\r\nProxy-Authenticate: NTLM #\r\n\r\n")
+    with pytest.raises(wire.WireError, match="base64") as raised:  # malformed, but offered
+        wire.ntlm_challenge(bad_token)
+    assert not isinstance(raised.value, wire.NotOffered)
 
 
 def test_set_header_replaces_existing() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from mitm import Mitmdump
+from tests.mitm import Mitmdump
 
 
 class MitmwebApi:
@@ -22,6 +22,8 @@ class MitmwebApi:
         assert m.wait_for("Web server listening")
         token = re.search(r"token=([\w-]+)", m.output)
         self.base = f"http://127.0.0.1:{port}"
+        # the UI's address for a browser (mitmweb 12 prints a token; 11 has none)
+        self.page_url = f"{self.base}/" + (f"?token={token.group(1)}" if token else "")
         self.xsrf = secrets.token_hex(16)
         self.client = httpx.Client(
             params={"token": token.group(1)} if token else {},

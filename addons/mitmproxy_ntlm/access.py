@@ -23,9 +23,6 @@ from .schemes import SchemeMode
 log = logging.getLogger("mitmproxy_ntlm")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-ACCESS_OPTIONS = {"mode", "listen_host", "ntlm_allow_remote", "ntlm_allow_clients",
-                  "ntlm_deny_clients", "proxyauth", "ntlm_multiuser", "ntlm_username",
-                  "ntlm_winbind", "ntlm_scheme", "ntlm_kerberos_ccache", "ntlm_kerberos_keytab"}
 
 
 def parse_networks(value: Sequence[str], option: str) -> list[Network]:
@@ -75,7 +72,7 @@ class ClientAccess:
         options.declare(loader, options.ACCESS)
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & ACCESS_OPTIONS:
+        if not updated & options.READ_BY_ACCESS:
             return
         opts = ctx.options
         self.allow = parse_networks(opts.ntlm_allow_clients, "ntlm_allow_clients")

@@ -1,7 +1,8 @@
 """The mitmproxy addon: NTLM authentication to the parent proxy in upstream mode.
 
 Options are validated in `configure`; the connection work happens in the layer installed by
-`mitmproxy_internals`. This class owns the policy (credentials, lockout guard) and puts each
+`layers.upstream`. This class makes the policy and the pool (kept in the `Runtime` that the
+layers read) (credentials, lockout guard) and puts each
 flow's authentication story on the flow for mitmweb and the console.
 """
 
@@ -29,12 +30,14 @@ from .credentials import (
 )
 from .handshake import Dialect, quiet_spnego_logs
 from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
+from .layers.upstream import answer_failed_tunnel
 from .legflows import leg_flows, parent_answer
 from .multiuser import ClientLogins
 from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
 from .pool import ParentPool
 from .proxy_credentials import drop_client_proxy_credentials, relayed_to_parent
 from .report import build_report, write_report
+from .runtime import Runtime
 from .schemes import SchemeChooser, SchemeMode
 from .secret_reload import SIGHUP, SecretReloader
 from .trace import HandshakeTrace
@@ -43,39 +46,9 @@ from .userfile import FileRefused, stat_regular_file
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-CREDENTIAL_OPTIONS = (
-    "ntlm_username",
-    "ntlm_domain",
-    "ntlm_workstation",
-    "ntlm_password",
-    "ntlm_password_env",
-    "ntlm_password_file",
-    "ntlm_password_keyring",
-    "ntlm_pass_nt",
-    "ntlm_pass_lm",
-    "ntlm_hashes",
-    "ntlm_dialect",
-    "ntlm_max_failures",
-    "ntlm_handshake_timeout",
-    "ntlm_replay_limit",
-    "ntlm_multiuser",
-    "ntlm_realm",
-    "ntlm_lockout_cooldown",
-    "ntlm_scheme",
-    "ntlm_kerberos_ccache",
-    "ntlm_kerberos_keytab",
-    "ntlm_kerberos_principal",
-    "ntlm_kerberos_realm",
-    "ntlm_kerberos_spn",
-    "ntlm_kerberos_lifetime",
-    "ntlm_winbind",
-    "proxyauth",
-)
 # Marks in the flow list (mitmproxy's emoji names; README "Seeing what happens"): the flow
 # that carried a new handshake, one sent on a pooled connection, a failure.
 MARKS = {"authenticated": ":key:", "reused": ":recycle:"}
-POOL_OPTIONS = ("ntlm_pool", "ntlm_pool_idle", "ntlm_pool_max", "ntlm_pool_connections",
-                "ntlm_pool_wait", "ntlm_pool_grace")
 
 
 def refuse_secret_options_in_web(opts: Any) -> None:
@@ -95,8 +68,8 @@ def refuse_secret_options_in_web(opts: Any) -> None:
 class NtlmUpstreamAuth:
     """Authenticates mitmproxy's connections to the parent proxy with NTLM."""
 
-    def __init__(self) -> None:
-        self.policy: UpstreamPolicy | None = None
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime if runtime is not None else Runtime()
         self.logins: ClientLogins | None = None
         # CONNECT flows waiting for their tunnel's handshake (it runs after mitmproxy's 200).
         self._connect_flows: OrderedDict[str, http.HTTPFlow] = OrderedDict()
@@ -114,12 +87,12 @@ class NtlmUpstreamAuth:
     def configure(self, updated: set[str]) -> None:
         if "ntlm_config" in updated:
             applied = self.apply_config_file()  # configured just now, by a nested configure
-            if applied & set(CREDENTIAL_OPTIONS):
-                applied |= set(CREDENTIAL_OPTIONS)
+            if applied & options.READ_BY_POLICY:
+                applied |= options.READ_BY_POLICY
             updated = updated - applied
-        if updated & set(POOL_OPTIONS) and not updated & set(CREDENTIAL_OPTIONS):
+        if updated & options.READ_BY_POOL and not updated & options.READ_BY_POLICY:
             self._configure_pool()
-        if not updated & set(CREDENTIAL_OPTIONS) and self.policy is not None:
+        if not updated & options.READ_BY_POLICY and self.policy is not None:
             return
         opts = ctx.options
         refuse_secret_options_in_web(opts)
@@ -138,9 +111,8 @@ class NtlmUpstreamAuth:
                     "set ntlm_username (DOMAIN\\user) as well")
             creds = self._kerberos_identity()
             if creds is None:
-                self.policy = None
                 self.logins = None
-                mitmproxy_internals.uninstall()
+                self._switch_off()
                 return
             self.logins = None
             self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
@@ -203,7 +175,7 @@ class NtlmUpstreamAuth:
         changed = creds != policy.creds
         policy.creds = creds
         policy.guard.reset()
-        policy.rejected.clear()
+        policy.forget_rejections()
         log.info("[ntlm] %s: %s; the lockout guard is reset, credentials for %s will be sent",
                  reason, "new credentials read" if changed else "credentials read again",
                  creds.principal)
@@ -352,7 +324,7 @@ class NtlmUpstreamAuth:
             log.warning("[ntlm] ntlm_dialect=%s is weak (crackable responses); use it only for a "
                         "parent that refuses NTLMv2", dialect.value)
         assert self.tickets is not None
-        self.policy = UpstreamPolicy(
+        self.runtime.policy = UpstreamPolicy(
             creds=creds,
             chooser=SchemeChooser(SchemeMode(opts.ntlm_scheme), dialect, self.tickets),
             dialect=dialect,
@@ -365,7 +337,6 @@ class NtlmUpstreamAuth:
             on_finished=self._handshake_finished,
             recovery=_recovery_hint(),
         )
-        mitmproxy_internals.install(self.policy)
         self._configure_pool()
 
     def _configure_pool(self) -> None:
@@ -373,12 +344,23 @@ class NtlmUpstreamAuth:
         opts = ctx.options
         if self.policy is None or not opts.ntlm_pool or not opts.ntlm_pool_idle \
                 or not opts.ntlm_pool_max:
-            mitmproxy_internals.set_pool(None)
-            return
-        mitmproxy_internals.set_pool(ParentPool(
-            float(opts.ntlm_pool_idle), opts.ntlm_pool_max,
-            per_key=opts.ntlm_pool_connections, wait_timeout=float(opts.ntlm_pool_wait),
-            grace=opts.ntlm_pool_grace / 1000))
+            self.runtime.replace_pool(None)
+        else:
+            self.runtime.replace_pool(ParentPool(
+                float(opts.ntlm_pool_idle), opts.ntlm_pool_max,
+                per_key=opts.ntlm_pool_connections, wait_timeout=float(opts.ntlm_pool_wait),
+                grace=opts.ntlm_pool_grace / 1000))
+        mitmproxy_internals.sync(self.runtime)
+
+    @property
+    def policy(self) -> UpstreamPolicy | None:
+        return self.runtime.policy
+
+    def _switch_off(self) -> None:
+        """No parent logon: mitmproxy's own parent layer again, the pool closed."""
+        self.runtime.policy = None
+        self.runtime.replace_pool(None)
+        mitmproxy_internals.sync(self.runtime)
 
     def running(self) -> None:
         self.reloader.start()
@@ -393,7 +375,7 @@ class NtlmUpstreamAuth:
         if ctx.options.ntlm_report_file:  # mitmdump has no command line: the report at exit
             self.save_report(ctx.options.ntlm_report_file)
         self.reloader.stop()
-        mitmproxy_internals.uninstall()
+        self._switch_off()
         if self.tickets is not None:
             self.tickets.forget()
         if self.policy is not None and self.policy.chooser is not None:
@@ -460,7 +442,7 @@ class NtlmUpstreamAuth:
         idle addon leaves them on a request relayed to a parent, as stock mitmproxy does."""
         policy = self.policy
         if policy is not None:  # a request inside a tunnel that failed: its own error
-            mitmproxy_internals.answer_failed_tunnel(flow)
+            answer_failed_tunnel(self.runtime, flow)
         if policy is not None and policy.may_refuse() and _to_parent(flow):
             self._check_client(flow)
         if policy is not None or not relayed_to_parent(flow, _upstream_mode()):
@@ -547,7 +529,11 @@ class NtlmUpstreamAuth:
         if pending is not None:
             self._add_legs(*pending, flow)
 
-    response = error = _annotate  # hooks called for every flow: no extra call in between
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._annotate(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._annotate(flow)
 
     @staticmethod
     def _mark_failed(flow: http.HTTPFlow, reason: str) -> None:
@@ -562,7 +548,7 @@ class NtlmUpstreamAuth:
         """Re-enable credentials disabled by the lockout guard."""
         if self.policy is not None:
             self.policy.guard.reset()
-            self.policy.rejected.clear()
+            self.policy.forget_rejections()
             log.info("[ntlm] lockout guard reset: credentials will be sent again")
 
     # They return lines (Sequence[str]): the console shows them one per row, mitmweb's command
@@ -615,7 +601,7 @@ class NtlmUpstreamAuth:
             f"mode: {mode}",
             "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items())) or "none"),
         ]
-        pool = mitmproxy_internals.NtlmUpstreamProxy.pool
+        pool = self.runtime.pool
         if pool is None:
             lines.append("pool: off")
         else:

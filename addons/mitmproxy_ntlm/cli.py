@@ -189,7 +189,7 @@ def start(args: argparse.Namespace) -> int:
             env[PASSWORD_ENV] = env.get(PASSWORD_ENV) or getpass.getpass(
                 f"Password for {args.user}: ")
     else:
-        from .testparent import ParentProxy
+        from .testing.parent import ParentProxy
 
         args.user, args.domain = "demo", "DEMO"
         env[PASSWORD_ENV] = secrets.token_urlsafe(12)

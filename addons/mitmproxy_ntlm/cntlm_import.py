@@ -13,9 +13,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from spnego._ntlm_raw.crypto import ntowfv2
-
 from .credentials import hashes_from_password, invert, parse_hex_hash, split_principal
+from .spnego_internals import ntowfv2
 
 # --------------------------------------------------------------------------- cntlm -H
 

@@ -19,7 +19,7 @@ from typing import Any
 from mitmproxy import exceptions, optmanager
 from mitmproxy.utils import typecheck
 
-from . import options
+from . import mitmproxy_internals, options
 from .credentials import CredentialError, require_private
 from .userfile import FileRefused, read_regular_file
 
@@ -112,7 +112,7 @@ def _typed(opts: optmanager.OptManager, name: str, value: Any) -> Any:
         return opts.default(name)
     if name in options.BY_NAME:
         return options.convert(name, value)
-    typecheck.check_option_type(name, value, opts._options[name].typespec)
+    typecheck.check_option_type(name, value, mitmproxy_internals.option_typespec(opts, name))
     return value
 
 

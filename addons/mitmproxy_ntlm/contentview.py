@@ -14,7 +14,7 @@ from typing import Any
 
 from mitmproxy import contentviews
 
-from . import authview
+from . import authview, mitmproxy_internals
 
 NAME = "NTLM/Negotiate"
 
@@ -34,11 +34,7 @@ if hasattr(contentviews, "Contentview"):  # mitmproxy 12 and later
         contentviews.add(view)
 
     def _remove(view: Any) -> None:
-        registry = contentviews.registry
-        # No public removal in 12: drop our entry, and tell listeners (mitmweb) as `register` does.
-        if getattr(registry, "_by_name", {}).get(NAME.lower()) is view:
-            del registry._by_name[NAME.lower()]
-            registry.on_change.send(view)
+        mitmproxy_internals.unregister_contentview(contentviews.registry, NAME.lower(), view)
 
 else:  # mitmproxy 11
 

@@ -15,10 +15,9 @@ import stat
 import unicodedata
 from dataclasses import dataclass, field
 
-from spnego._ntlm_raw.crypto import lmowfv1, ntowfv1
-
 from .keychain import KeychainError
 from .keychain import read_password as read_keychain_password
+from .spnego_internals import lmowfv1, ntowfv1
 from .userfile import FileRefused, decode_text, read_regular_file
 
 

@@ -18,6 +18,7 @@ from .credentials import Credentials
 from .handshake import ChallengeError, Dialect, NtlmHandshake, quiet_spnego_logs
 from .wire import (
     Head,
+    NotOffered,
     WireError,
     b64,
     ntlm_challenge,
@@ -147,12 +148,12 @@ def try_dialect(host: str, port: int, creds: Credentials, dialect: Dialect, url:
                               "without credentials: it needs no authentication")
         try:
             challenge = ntlm_challenge(head, scheme=scheme)
+        except NotOffered:
+            offered = offered_schemes(head)
+            raise SchemeNotOffered(f"parent {conn.where} offers neither NTLM nor Negotiate "
+                                   f"(it offers: {', '.join(offered) or 'nothing'})",
+                                   offered) from None
         except WireError as e:
-            if str(e) == f"{scheme} is not offered":
-                offered = offered_schemes(head)
-                raise SchemeNotOffered(f"parent {conn.where} offers neither NTLM nor Negotiate "
-                                       f"(it offers: {', '.join(offered) or 'nothing'})",
-                                       offered) from None
             raise DetectError(f"parent {conn.where} sent a malformed NTLM challenge: {e}") \
                 from None
         if challenge is None:

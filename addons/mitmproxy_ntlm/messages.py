@@ -11,26 +11,27 @@ import base64
 import binascii
 from typing import Any
 
-from spnego._context import GSSMech
-from spnego._kerberos import (
-    KerberosV5Msg,
-    KrbApRep,
-    KrbApReq,
-    KrbError,
-    PrincipalName,
-    parse_enum,
-    parse_flags,
-)
-from spnego._ntlm_raw.messages import (
+from .spnego_internals import (
     Authenticate,
     AvFlags,
     AvId,
     Challenge,
+    GSSMech,
+    InitialContextToken,
+    KerberosV5Msg,
+    KrbApRep,
+    KrbApReq,
+    KrbError,
     Negotiate,
     NegotiateFlags,
+    NegTokenInit,
+    NegTokenResp,
+    PrincipalName,
     Version,
+    parse_enum,
+    parse_flags,
+    unpack_token,
 )
-from spnego._spnego import InitialContextToken, NegTokenInit, NegTokenResp, unpack_token
 
 _SIGNATURE = b"NTLMSSP\x00"
 

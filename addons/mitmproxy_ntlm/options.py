@@ -19,6 +19,7 @@ from typing import Any
 from mitmproxy import exceptions
 from mitmproxy.addonmanager import Loader
 
+from . import mitmproxy_internals
 from .handshake import Dialect
 from .schemes import SchemeMode
 
@@ -44,7 +45,7 @@ def _workstation() -> str:
     return socket.gethostname().split(".")[0].upper()
 
 
-UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handshakes, pool
+CREDENTIALS: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handshakes
     Option("ntlm_username", str, "",
            "User name for the parent proxy: user, DOMAIN\\user or user@domain."),
     Option("ntlm_domain", str, "", "NTLM domain (overrides a domain in the name)."),
@@ -116,6 +117,8 @@ UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handsha
            "with the cached credentials of ntlm_username (default: the logged-on user); no "
            "password in mitmproxy. Needs winbind with cached logons (pam_winbind cached_login, "
            "or wbinfo --ccache-save)."),
+)
+POOL: tuple[Option, ...] = (  # NtlmUpstreamAuth: the pool of authenticated parent connections
     Option("ntlm_pool", bool, True,
            "Keep idle authenticated plain-http parent connections in a pool shared by all "
            "client connections, per parent and per user (never across users), so a new client "
@@ -138,6 +141,8 @@ UPSTREAM: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, handsha
            "finds none idle (and fewer than ntlm_pool_connections open) before it opens another "
            "one, i.e. logs on again. Busy connections usually come free within milliseconds; "
            "0: never wait.", minimum=0),
+)
+UPSTREAM: tuple[Option, ...] = CREDENTIALS + POOL + (  # NtlmUpstreamAuth: and what it shows
     Option("ntlm_show_legs", bool, False,
            "Show the hidden handshake legs (407s, Type 1/2/3) as flows of their own in mitmweb "
            "and the console; Type 3 responses are redacted."),
@@ -208,6 +213,26 @@ OPTIONS = UPSTREAM + ROUTING + ACCESS + ORIGIN
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
+def names(section: Iterable[Option]) -> frozenset[str]:
+    return frozenset(o.name for o in section)
+
+
+def default(name: str) -> Any:
+    """An option's default, for the classes that take the option's value as an argument."""
+    return BY_NAME[name].default
+
+
+# What each addon's `configure` reads: a change to any of these names makes it configure again.
+# Its own options, plus those of others (mitmproxy's, and ntlm_* declared by another addon).
+READ_BY_POLICY = names(CREDENTIALS) | {"proxyauth"}
+READ_BY_POOL = names(POOL)
+READ_BY_ROUTER = names(ROUTING) | {"connection_strategy", "mode"}
+READ_BY_ACCESS = names(ACCESS) | {
+    "mode", "listen_host", "proxyauth", "ntlm_multiuser", "ntlm_username", "ntlm_winbind",
+    "ntlm_scheme", "ntlm_kerberos_ccache", "ntlm_kerberos_keytab"}
+READ_BY_ORIGIN = names(ORIGIN) | {"ntlm_dialect", "ntlm_max_failures", "ntlm_workstation"}
+
+
 def declare(loader: Loader, section: Iterable[Option]) -> None:
     """Add an addon's own options to mitmproxy."""
     for o in section:
@@ -247,7 +272,7 @@ def convert(name: str, raw: Any) -> Any:
     """A value given for one of our options before mitmproxy knew it (`--set` strings, or a
     config.yaml value), in the option's type; OptionsError saying what is wrong otherwise."""
     o = BY_NAME[name]
-    strings = getattr(raw, "val", None)  # mitmproxy's _UnconvertedStrings: the --set values
+    strings = mitmproxy_internals.set_strings(raw)  # the --set values, else config.yaml's
     if o.typespec == Sequence[str]:
         values = strings if strings is not None else raw
         if isinstance(values, str):

@@ -27,11 +27,9 @@ from .credentials import (
 )
 from .handshake import Dialect
 from .policy import LockoutGuard, UpstreamPolicy
+from .runtime import Runtime
 
 log = logging.getLogger("mitmproxy_ntlm")
-
-ORIGIN_OPTIONS = {"ntlm_origin_hosts", "ntlm_origin_credentials", "ntlm_dialect",
-                  "ntlm_max_failures", "ntlm_workstation"}
 
 
 def read_credentials_file(path: str, workstation: str) -> Credentials:
@@ -45,7 +43,8 @@ def read_credentials_file(path: str, workstation: str) -> Credentials:
 class OriginAuth:
     """Answers 401 NTLM/Negotiate challenges of the servers listed in ntlm_origin_hosts."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime if runtime is not None else Runtime()
         self.hosts: list[str] = []
         self.own_credentials: list[tuple[str, Credentials]] = []
         self.fallback_policy: UpstreamPolicy | None = None
@@ -54,7 +53,7 @@ class OriginAuth:
         options.declare(loader, options.ORIGIN)
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & ORIGIN_OPTIONS:
+        if not updated & options.READ_BY_ORIGIN:
             return
         opts = ctx.options
         self.hosts = [h.lower() for h in options.items(opts.ntlm_origin_hosts)]
@@ -71,12 +70,14 @@ class OriginAuth:
             self.own_credentials.append((pattern.strip().lower(), creds))
         self.fallback_policy = UpstreamPolicy(creds=None, dialect=Dialect(opts.ntlm_dialect),
                                               guard=LockoutGuard(opts.ntlm_max_failures))
-        mitmproxy_internals.set_origin_auth(self.engine_for if self.hosts else None)
+        self.runtime.origin_engines = self.engine_for if self.hosts else None
+        mitmproxy_internals.sync(self.runtime)
         if self.hosts:
             log.info("[ntlm] automatic logon to servers: %s", ", ".join(self.hosts))
 
     def done(self) -> None:
-        mitmproxy_internals.set_origin_auth(None)
+        self.runtime.origin_engines = None
+        mitmproxy_internals.sync(self.runtime)
 
     def listed(self, host: str) -> bool:
         host = host.lower()
@@ -88,7 +89,7 @@ class OriginAuth:
         host = server.sni or (server.address[0] if server.address else "")
         if not host or not self.listed(host):
             return None
-        upstream = mitmproxy_internals.NtlmUpstreamProxy.policy
+        upstream = self.runtime.policy
         own = next((c for p, c in self.own_credentials if fnmatch.fnmatchcase(host.lower(), p)),
                    None)
         policy = upstream if upstream is not None else self.fallback_policy

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from mitmproxy.net import server_spec
 
+from . import options
+
 log = logging.getLogger("mitmproxy_ntlm")
 
 ServerSpec = tuple[str, tuple[str, int]]
@@ -44,7 +46,7 @@ class ParentList:
     """Parents in failover order, with the ones that recently failed moved to the back."""
 
     specs: list[ServerSpec]
-    retry_after: float = 30.0
+    retry_after: float = float(options.default("ntlm_parent_retry"))
     _dead_until: dict[ServerSpec, float] = field(default_factory=dict)
     _learned: list[ServerSpec] = field(default_factory=list)
 

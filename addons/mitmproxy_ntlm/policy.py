@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import options
 from .bounded import BoundedMap, approx_size
 from .credentials import Credentials, account_of
 from .handshake import Dialect
@@ -186,13 +187,15 @@ class UpstreamPolicy:
     clients choose the user names and connections they are keyed by.
     """
 
+    # Defaults are the options' (options.py); the addon passes the options' values.
     creds: Credentials | None
-    dialect: Dialect = Dialect.NTLMV2
-    guard: LockoutGuard = field(default_factory=lambda: LockoutGuard(3))
-    replay_limit: int = 16 * 1024 * 1024
-    handshake_timeout: float = 30.0
-    multiuser: bool = False
-    realm: str = "mitmproxy-ntlm"
+    dialect: Dialect = field(default_factory=lambda: Dialect(options.default("ntlm_dialect")))
+    guard: LockoutGuard = field(
+        default_factory=lambda: LockoutGuard(options.default("ntlm_max_failures")))
+    replay_limit: int = options.default("ntlm_replay_limit")
+    handshake_timeout: float = float(options.default("ntlm_handshake_timeout"))
+    multiuser: bool = options.default("ntlm_multiuser")
+    realm: str = options.default("ntlm_realm")
     # Recent handshakes by mitmproxy connection id, for the flows that use the connection.
     traces: BoundedMap[str, HandshakeTrace] = field(
         default_factory=lambda: BoundedMap(10_000, 12 << 20, size=_trace_size))
@@ -205,7 +208,7 @@ class UpstreamPolicy:
     # secret. Keyed by client connection (single user) or by (account, NT hash) (multi-user,
     # forgotten after rejected_ttl).
     rejected: BoundedMap[Any, str] = field(init=False)
-    rejected_ttl: float = 300.0
+    rejected_ttl: float = float(options.default("ntlm_lockout_cooldown"))
     # (account, NT hash) pairs the parent accepted: they need no attempt slot (see attempt()).
     verified: BoundedMap[tuple[str, bytes], bool] = field(
         default_factory=lambda: BoundedMap(10_000, 2 << 20, ttl=3600.0))
@@ -268,6 +271,10 @@ class UpstreamPolicy:
     def attempt_ended(self, attempt: Attempt | None) -> None:
         if attempt is not None:
             self.guard.release(attempt)
+
+    def forget_rejections(self) -> None:
+        """New secrets or a reset: rejections paid for so far no longer refuse anyone."""
+        self.rejected.clear()
 
     def may_refuse(self) -> bool:
         """False when `credentials()` cannot refuse any client now: one identity, no rejection

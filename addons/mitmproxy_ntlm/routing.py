@@ -10,7 +10,8 @@ routes per flow:
 NoProxy hosts and PAC `DIRECT` answers go direct. Routing needs `connection_strategy=lazy`:
 with eager, mitmproxy connects to the target directly before any routing can happen.
 Failover and roaming (going direct when no parent answers) happen in the parent layer, where
-a failed connect is seen; see `mitmproxy_internals.NtlmUpstreamProxy`.
+a failed connect is seen; see `layers.upstream.NtlmUpstreamProxy`, which reads the list from the
+`Runtime`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, Socks5Mode, UpstreamMode
 
-from . import discovery, mitmproxy_internals, options
+from . import discovery, options
+from .layers.upstream import NtlmUpstreamProxy, parent_tunnel
 from .pac import Found, PacError, PacResolver, check_pac, load_pac
 from .pac_watch import PacWatcher
 from .parents import NoProxy, ParentList, ServerSpec, parse_parents, spec_text
+from .runtime import Runtime
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-ROUTING_OPTIONS = {"ntlm_parent", "ntlm_noproxy", "ntlm_pac", "ntlm_pac_refresh", "ntlm_roaming",
-                   "ntlm_parent_retry", "ntlm_pac_parents", "connection_strategy", "mode"}
 PAC_AUTO = "auto"
 REFUSED_LOGGED_MAX = 256  # distinct refused PAC parents logged per PAC
 
@@ -41,7 +42,8 @@ REFUSED_LOGGED_MAX = 256  # distinct refused PAC parents logged per PAC
 class ParentRouter:
     """Chooses the parent (or direct) for each connection and keeps the failover list."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime if runtime is not None else Runtime()
         self.parents = ParentList([])
         self.noproxy = NoProxy("")
         self.pac: PacResolver | None = None
@@ -60,7 +62,7 @@ class ParentRouter:
         options.declare(loader, options.ROUTING)
 
     def configure(self, updated: set[str]) -> None:
-        if not updated & ROUTING_OPTIONS:
+        if not updated & options.READ_BY_ROUTER:
             return
         opts = ctx.options
         try:
@@ -84,7 +86,7 @@ class ParentRouter:
                 "ntlm_parent/ntlm_pac need --set connection_strategy=lazy in regular and socks5 "
                 "mode: with the default (eager) mitmproxy connects to each target directly "
                 "before it can be routed")
-        mitmproxy_internals.set_routing(self.parents, self.roaming)
+        self.runtime.parents, self.runtime.roaming = self.parents, self.roaming
         if specs:
             log.info("[ntlm] parents in failover order: %s",
                      ", ".join(f"{h}:{p}" for _, (h, p) in self.parents.specs))
@@ -228,7 +230,7 @@ class ParentRouter:
         if self.pac is not None:
             self.pac.close()
             self.pac = None
-        mitmproxy_internals.set_routing(None, False)
+        self.runtime.parents, self.runtime.roaming = None, False
 
     @staticmethod
     def _routed_modes() -> bool:
@@ -300,7 +302,7 @@ class ParentRouter:
             return
         if context.server.address is None:
             return  # e.g. the SOCKS5 handshake itself
-        if any(isinstance(x, mitmproxy_internals.NtlmUpstreamProxy) for x in context.layers):
+        if any(isinstance(x, NtlmUpstreamProxy) for x in context.layers):
             return
         if isinstance(context.client.proxy_mode, RegularMode):
             if context.server.via is None:
@@ -310,4 +312,4 @@ class ParentRouter:
             context.server.via = self.choose("https", host, port)
             if context.server.via is None:
                 return
-        nextlayer.layer = mitmproxy_internals.parent_tunnel(context)
+        nextlayer.layer = parent_tunnel(context)

@@ -1,17 +1,17 @@
-"""What mitmproxy loads with `-s`: addons/ntlm.py hands its module namespace to `serve_from`.
+"""What mitmproxy loads with `-s`: addons/ntlm.py says `addons = [new_group()]`.
 
-For every event (several per request) mitmproxy walks each addon of a script (script loader,
-script, module, the module's `addons`, ...) and asks each one for the hook by name. That walk
-is a per-request cost that bench/instructions.py counts, so it is kept short:
-- the addon's parts sit behind one `AddonGroup`, whose hooks and commands are written into the
-  script module itself, with an empty `addons`: the walk stops at the module;
-- the module answers every hook name (None for hooks nobody has): a name a module lacks costs
-  CPython three formatted AttributeErrors per lookup; except the deprecated `add_log`, whose
-  mere presence makes mitmproxy print a deprecation warning at every start;
-- a hook a part does not need under the current options (`idle_hooks`, asked after every
-  `configure`) is not offered at all, since each hook call costs mitmproxy more than most
-  of our hooks do (`requestheaders` and `http_connect` always run: they drop the client's
-  proxy credentials from every request).
+The addon's parts sit behind one `AddonGroup`, which answers every hook name (None where no
+part has it, so mitmproxy skips it), except the deprecated `add_log`, whose mere presence makes
+mitmproxy print a deprecation warning at every start. A hook a part does not need under the
+current options (`idle_hooks`, asked after every `configure`) is not offered at all, since each
+hook call costs mitmproxy more than most of our hooks do (`requestheaders` and `http_connect`
+always run: they drop the client's proxy credentials from every request).
+
+The script module itself has no hooks: mitmproxy asks it for each event's hook before it walks
+its `addons`, and a module lacking the name costs CPython about 1 us to raise and format an
+AttributeError. Writing the hooks into the module saved about 10 us per kept-alive request (8
+events), 0.4% of stock mitmdump's CPU per request (timeit of mitmproxy's hook walk, December):
+too little for a module filled in by side effect.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mitmproxy_ntlm.contentview import TokenViewAddon
 from mitmproxy_ntlm.origin import OriginAuth
 from mitmproxy_ntlm.os_trust import OsTrustStore
 from mitmproxy_ntlm.routing import ParentRouter
+from mitmproxy_ntlm.runtime import Runtime
 
 DEPRECATED_HOOKS = frozenset({"add_log"})
 """Hook names mitmproxy warns about when an addon merely has the attribute."""
@@ -48,26 +49,16 @@ class AddonGroup:
     after each `configure` the group stops offering them, until an option change needs
     them again."""
 
-    def __init__(self, *parts: object, namespace: dict[str, Any] | None = None) -> None:
+    def __init__(self, *parts: object) -> None:
         self.parts = parts
-        # Where hooks and commands go besides the group itself (a script module's globals).
-        self._namespace = namespace
         self._startup_problems: list[str] = []
         self._own_hooks: dict[str, Callable[..., Any]] = {"load": self._after_load}
-        if namespace is not None:
-            namespace["configure"] = self.configure
-            namespace["addons"] = []  # nothing below the module for mitmproxy to walk
         self._bind(configured=False)
         for part in parts:
             for attr in dir(part):
                 if not attr.startswith("_") and hasattr(method := getattr(part, attr),
                                                         "command_name"):
-                    self._publish(attr, method)  # mitmproxy collects commands by attribute
-
-    def _publish(self, name: str, value: object) -> None:
-        setattr(self, name, value)
-        if self._namespace is not None:
-            self._namespace[name] = value
+                    setattr(self, attr, method)  # mitmproxy collects commands by attribute
 
     def _bind(self, configured: bool) -> None:
         idle = [_idle_hooks(part) if configured else frozenset() for part in self.parts]
@@ -78,7 +69,7 @@ class AddonGroup:
                         if name not in off and callable(h := getattr(part, name, None))]
             handlers += [h for h in (self._own_hooks.get(name),) if h is not None]
             # None: mitmproxy skips the hook without calling anything.
-            self._publish(name, _in_order(handlers) if handlers else None)
+            setattr(self, name, _in_order(handlers) if handlers else None)
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -140,22 +131,11 @@ def _in_order(handlers: list[Callable[..., Any]]) -> Callable[..., Any]:
     return call
 
 
-def new_group(namespace: dict[str, Any] | None = None) -> AddonGroup:
+def new_group() -> AddonGroup:
+    """The script's addons as mitmproxy sees them (addons/ntlm.py: `addons = [new_group()]`)."""
     # Order matters: access control first; then the router decides which flows go to a
     # parent; then the auth addon acts on them.
-    return AddonGroup(ClientAccess(), ParentRouter(), NtlmUpstreamAuth(), OriginAuth(),
-                      OsTrustStore(), TokenViewAddon(), namespace=namespace)
-
-
-def serve_from(namespace: dict[str, Any]) -> None:
-    """Make a script module the addon: its globals get the hooks and commands of a new group."""
-    new_group(namespace)
-
-
-def __getattr__(name: str) -> Any:
-    """`addons`: the same addons as an ordinary addon object, for code that registers addons
-    itself; built on first use, since `-s addons/ntlm.py` builds its own (`serve_from`)."""
-    if name != "addons":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    built = globals()["addons"] = [new_group()]
-    return built
+    # One runtime for the parts whose state the connection layers read (see runtime.py).
+    runtime = Runtime()
+    return AddonGroup(ClientAccess(), ParentRouter(runtime), NtlmUpstreamAuth(runtime),
+                      OriginAuth(runtime), OsTrustStore(), TokenViewAddon())

@@ -1,8 +1,8 @@
 """Which versions this is and which it was tested with (`mitm-ntlm --version`, check_version).
 
-The addon replaces a private mitmproxy layer and imports pyspnego's private `_ntlm_raw`
-modules, so it runs only on the release lines CI tests; pyproject.toml's ranges say the same,
-so that a fresh install never gets a version the addon refuses.
+The addon replaces a private mitmproxy layer and imports pyspnego's private modules
+(`spnego_internals`), so it runs only on the release lines CI tests; pyproject.toml's ranges
+say the same, so that a fresh install never gets a version the addon refuses.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ TESTED_MITMPROXY = ("11.0.", "12.2.", "12.3.")
 NEWEST_MITMPROXY = {"3.11": "11.0.2", "3.12+": "12.3.1"}
 """The newest tested release per Python, for the hint in a refusal."""
 
+TESTED_PYSPNEGO = ("0.12.",)
+"""pyspnego release lines whose private modules `spnego_internals` is tested with."""
+
 
 def mitmproxy_tested(version: str) -> bool:
     return version.startswith(TESTED_MITMPROXY)
+
+
+def pyspnego_tested(version: str) -> bool:
+    return version.startswith(TESTED_PYSPNEGO)
 
 
 def distribution_version(name: str) -> str:

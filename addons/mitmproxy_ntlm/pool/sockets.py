@@ -3,7 +3,7 @@
 NTLM authenticates a TCP connection, and mitmproxy keeps server connections per client
 connection, so without a pool every new client connection costs a handshake: a logon at the
 domain controller and two extra round trips. This module only holds sockets and counts them;
-how a connection is lent to a request is `mitmproxy_internals`' business.
+how a connection is lent to a request is `lending`'s business.
 
 Rules kept here:
 - entries are keyed by parent (scheme, address) and by the full identity (`Credentials`, hashes
@@ -37,8 +37,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from .credentials import Credentials
-from .wire import ResponseRest, WireError
+from ..credentials import Credentials
+from ..wire import ResponseRest, WireError
 
 log = logging.getLogger("mitmproxy_ntlm")
 
@@ -113,9 +113,10 @@ class Reservation:
 class ParentPool:
     """Idle authenticated parent connections, most recently used first per key."""
 
-    def __init__(self, idle_timeout: float, max_idle: int, per_key: int = 16,
-                 wait_timeout: float = 5.0, grace: float = 0.0,
+    def __init__(self, idle_timeout: float, max_idle: int, *, per_key: int,
+                 wait_timeout: float, grace: float,
                  salvage_bytes: int = 1 << 20, salvage_seconds: float = 5.0) -> None:
+        """The limits come from the ntlm_pool_* options (the addon passes them)."""
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.per_key = per_key

@@ -15,7 +15,7 @@ value found at import time is restored when the last parent using it stops.
 
 Run standalone::
 
-    python -m mitmproxy_ntlm.testparent --port 3128 --user 'CORP\\alice:password'
+    python -m mitmproxy_ntlm.testing.parent --port 3128 --user 'CORP\\alice:password'
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import spnego
+from mitmproxy.http import Request, Response
+
+from . import http1
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,6 @@ _CHALLENGE_FAULTS = frozenset({"close_mid_body", "close_after_type2", "truncated
                                "switch_to_basic", "switch_to_negotiate"})
 _MAX_LINE = 64 * 1024
 _MAX_HEAD = 256 * 1024
-_MAX_HEADERS = 200
 _IO_CHUNK = 64 * 1024
 _CONNECT_TIMEOUT = 10.0
 _HOP_BY_HOP = frozenset(
@@ -124,8 +126,8 @@ class ParentStats:
     handshakes_per_connection: dict[int, int]
 
 
-class _BadRequest(Exception):
-    """The client sent something that is not HTTP/1.x we can frame: answer 400 and close."""
+_BadRequest = http1.BadMessage
+"""The client sent something that is not HTTP/1.x we can frame: answer 400 and close."""
 
 
 @dataclass
@@ -135,6 +137,7 @@ class _Head:
     first_line: str
     parts: list[str]
     headers: list[tuple[str, str]]
+    message: Request | Response  # as mitmproxy parsed it, for `http1.body_size`
 
     def get(self, name: str) -> str | None:
         """Return the first value of a header, so callers do not care about repeats."""
@@ -183,127 +186,51 @@ class _ConnState:
 
 async def _read_head(reader: asyncio.StreamReader, *, request: bool) -> _Head | None:
     """Read one message head; None on a clean EOF before any byte of it."""
-    total = 0
-    line = b""
-    while True:  # tolerate empty lines before a request line (RFC 9112 2.2)
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as e:
-            if not e.partial.strip():
-                return None
-            raise _BadRequest("EOF inside message head") from None
-        except asyncio.LimitOverrunError:
-            raise _BadRequest("request line too long") from None
-        total += len(line)
-        if line.strip() or not request:
-            break
-        if total > _MAX_LINE:
-            raise _BadRequest("too many empty lines")
-    first = line.decode("latin-1").rstrip("\r\n")
+    lines = await http1.read_head_lines(reader, request=request, max_head=_MAX_HEAD)
+    if lines is None:
+        return None
+    first = lines[0].decode("latin-1")
     parts = first.split(" ", 2)
     if request:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha():
             raise _BadRequest(f"bad request line {first[:80]!r}")
     elif len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         raise _BadRequest(f"bad status line {first[:80]!r}")
-    headers: list[tuple[str, str]] = []
-    while True:
-        try:
-            line = await reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError:
-            raise _BadRequest("EOF inside message head") from None
-        except asyncio.LimitOverrunError:
-            raise _BadRequest("header line too long") from None
-        total += len(line)
-        if total > _MAX_HEAD or len(headers) > _MAX_HEADERS:
-            raise _BadRequest("message head too large")
-        text = line.decode("latin-1").rstrip("\r\n")
-        if not text:
-            break
-        name, sep, value = text.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
-            raise _BadRequest(f"bad header line {text[:80]!r}")
-        headers.append((name, value.strip()))
-    return _Head(first, parts, headers)
+    for line in lines[1:]:  # stricter than mitmproxy: no folded lines, no blanks in names
+        name = line.partition(b":")[0]
+        if not name or name != name.strip() or b" " in name:
+            raise _BadRequest(f"bad header line {line[:80]!r}")
+    message = http1.parse_request(lines) if request else http1.parse_response(lines)
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.headers.fields]
+    return _Head(first, parts, headers, message)
+
+
+def _framing(size: int | None) -> _Framing:
+    if size is None:
+        return _Framing("chunked")
+    if size == -1:
+        return _Framing("eof")
+    return _Framing("length", size) if size else _Framing("none")
 
 
 def _request_framing(head: _Head) -> _Framing:
     """Body framing of a request (RFC 9112 6.3): chunked wins, else Content-Length, else none."""
-    te = head.get_all("Transfer-Encoding")
-    if te:
-        codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
-        if not codings or codings[-1] != "chunked":
-            raise _BadRequest("request Transfer-Encoding without final chunked")
-        return _Framing("chunked")
-    return _content_length_framing(head) or _Framing("none")
-
-
-def _content_length_framing(head: _Head) -> _Framing | None:
-    """Parse Content-Length strictly: differing or non-numeric values are a framing error."""
-    values = {v.strip() for raw in head.get_all("Content-Length") for v in raw.split(",")}
-    if not values:
-        return None
-    if len(values) != 1:
-        raise _BadRequest("conflicting Content-Length")
-    value = values.pop()
-    if not value.isdigit():
-        raise _BadRequest("bad Content-Length")
-    return _Framing("length", int(value))
+    size = http1.body_size(head.message)
+    if size == -1:  # mitmproxy reads such a request to the end of the connection
+        raise _BadRequest("request Transfer-Encoding without final chunked")
+    return _framing(size)
 
 
 def _response_framing(head: _Head, request_method: str) -> _Framing:
     """Body framing of a response, which also depends on the request method and status."""
-    status = int(head.parts[1])
-    if request_method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return _Framing("none")
-    te = head.get_all("Transfer-Encoding")
-    if te:
-        codings = [c.strip().lower() for v in te for c in v.split(",") if c.strip()]
-        return _Framing("chunked") if codings and codings[-1] == "chunked" else _Framing("eof")
-    return _content_length_framing(head) or _Framing("eof")
+    return _framing(http1.body_size(head.message, request_method))
 
 
 async def _iter_body(reader: asyncio.StreamReader, framing: _Framing) -> AsyncIterator[bytes]:
     """Yield a body's raw wire bytes (chunked framing kept intact) so it can be relayed as is."""
-    if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            data = await reader.read(min(remaining, _IO_CHUNK))
-            if not data:
-                raise asyncio.IncompleteReadError(b"", remaining)
-            remaining -= len(data)
-            yield data
-    elif framing.kind == "chunked":
-        while True:
-            line = await reader.readuntil(b"\n")
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _BadRequest(f"bad chunk size {size_text[:20]!r}") from None
-            if size < 0:
-                raise _BadRequest("negative chunk size")
-            yield line
-            if size == 0:
-                while True:  # trailer section up to the empty line
-                    trailer = await reader.readuntil(b"\n")
-                    yield trailer
-                    if not trailer.strip():
-                        return
-            remaining = size
-            while remaining:
-                data = await reader.read(min(remaining, _IO_CHUNK))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", remaining)
-                remaining -= len(data)
-                yield data
-            crlf = await reader.readuntil(b"\n")
-            if crlf.strip():
-                raise _BadRequest("chunk data longer than its size")
-            yield crlf
-    elif framing.kind == "eof":
-        while data := await reader.read(_IO_CHUNK):
-            yield data
+    size = {"none": 0, "length": framing.length, "chunked": None, "eof": -1}[framing.kind]
+    async for data in http1.iter_body(reader, size):
+        yield data
 
 
 async def _discard_body(reader: asyncio.StreamReader, framing: _Framing) -> None:
@@ -1133,7 +1060,7 @@ def _parse_user(spec: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """CLI: run a parent until Ctrl-C, for manual tries with curl or mitmproxy."""
     parser = argparse.ArgumentParser(
-        prog="python -m mitmproxy_ntlm.testparent",
+        prog="python -m mitmproxy_ntlm.testing.parent",
         description="Loopback HTTP proxy that demands NTLM and checks passwords (for testing).",
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: pick one)")

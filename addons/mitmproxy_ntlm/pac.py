@@ -19,8 +19,6 @@ import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import pacparser
-
 from .bounded import bounded_set
 from .parents import ServerSpec
 from .userfile import FileRefused, read_regular_file
@@ -135,6 +133,9 @@ class PacResolver:
     """Evaluates one PAC script; pacparser holds one script per process."""
 
     def __init__(self, script: str, cache_size: int = 1024) -> None:
+        import pacparser  # only here: the PAC engine's memory, for proxies that use PAC
+
+        self._engine = pacparser
         pacparser.init()
         try:
             pacparser.parse_pac_string(script)
@@ -151,7 +152,7 @@ class PacResolver:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            result = pacparser.find_proxy(url, host)
+            result = self._engine.find_proxy(url, host)
         except Exception as e:
             log.warning("[ntlm] PAC FindProxyForURL failed for %s (%s): going direct", host, e)
             result = "DIRECT"
@@ -161,4 +162,4 @@ class PacResolver:
         return choices
 
     def close(self) -> None:
-        pacparser.cleanup()
+        self._engine.cleanup()

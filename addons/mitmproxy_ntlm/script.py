@@ -31,6 +31,7 @@ from mitmproxy_ntlm import options
 from mitmproxy_ntlm.access import ClientAccess
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
 from mitmproxy_ntlm.contentview import TokenViewAddon
+from mitmproxy_ntlm.memory import MemoryTrim
 from mitmproxy_ntlm.origin import OriginAuth
 from mitmproxy_ntlm.os_trust import OsTrustStore
 from mitmproxy_ntlm.routing import ParentRouter
@@ -138,4 +139,4 @@ def new_group() -> AddonGroup:
     # One runtime for the parts whose state the connection layers read (see runtime.py).
     runtime = Runtime()
     return AddonGroup(ClientAccess(), ParentRouter(runtime), NtlmUpstreamAuth(runtime),
-                      OriginAuth(runtime), OsTrustStore(), TokenViewAddon())
+                      OriginAuth(runtime), OsTrustStore(), TokenViewAddon(), MemoryTrim())

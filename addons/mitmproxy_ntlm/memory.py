@@ -1,0 +1,107 @@
+"""Memory given back to the system when the proxy goes quiet after a busy period (issue 24).
+
+After a burst of clients, CPython keeps the arenas of freed objects and glibc keeps freed heap
+pages, so the process stays at its peak size for good (stock mitmdump too). Once no client
+connection has been open for `QUIET_SECONDS` after some were (or after start-up), one
+`gc.collect()` and glibc's `malloc_trim(0)` return what they can; then nothing more until the
+next busy period.
+
+The open connections are counted by mitmproxy itself (`Proxyserver.connections`, a public
+attribute), read once a second: no hook, so nothing is added to a connection's cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import ctx
+
+log = logging.getLogger(__name__)
+
+QUIET_SECONDS = 5.0
+"""How long no client connection may be open before the memory is trimmed."""
+POLL_SECONDS = 1.0
+
+
+class QuietPeriods:
+    """Says when to trim (sans-I/O): once per quiet period that follows a busy one.
+
+    Fed the number of open client connections at some moments; a quiet period starts when
+    that number is first seen at 0 after being above it. Start-up counts as a busy period:
+    imports and the first `configure` leave freed memory behind too."""
+
+    def __init__(self, quiet_seconds: float = QUIET_SECONDS) -> None:
+        self.quiet_seconds = quiet_seconds
+        self._busy = True  # connections seen (or start-up) since the last trim
+        self._quiet_since: float | None = None
+
+    def observe(self, now: float, open_connections: int) -> bool:
+        """Whether to trim now."""
+        if open_connections > 0:
+            self._busy, self._quiet_since = True, None
+            return False
+        if not self._busy:
+            return False
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if now - self._quiet_since < self.quiet_seconds:
+            return False
+        self._busy = False
+        return True
+
+
+def give_back_memory() -> None:
+    """Collect cycles, then ask the C allocator to return its free pages to the system."""
+    collected = gc.collect()
+    trim = _malloc_trim()
+    released = None if trim is None else bool(trim(0))
+    log.debug("[ntlm] proxy quiet: %d objects collected, malloc_trim: %s", collected,
+              {None: "not in this C library", True: "memory released",
+               False: "nothing to release"}[released])
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    import ctypes  # only here: loading ctypes costs memory that a quiet proxy never needs
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+class MemoryTrim:
+    """The addon: watches mitmproxy's open client connections while it runs."""
+
+    def __init__(self) -> None:
+        self.periods = QuietPeriods()
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> None:
+        server = ctx.master.addons.get("proxyserver")
+        if server is None or self._task is not None:  # no proxy server (tests), or a reload
+            return
+        # asyncio's own: mitmproxy's create_task differs between 11 and 12 (keep_ref)
+        self._task = asyncio.get_running_loop().create_task(
+            self._watch(server), name="mitmproxy-ntlm memory trim")
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _watch(self, server: Any) -> None:
+        connections = getattr(server, "connections", None)  # mitmproxy 10.4 to 12.3: a dict
+        if not isinstance(connections, dict):
+            return  # a mitmproxy without it: no trimming rather than an error every second
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            if self.periods.observe(time.monotonic(), len(connections)):
+                give_back_memory()

@@ -314,8 +314,9 @@ def test_sync_installs_what_the_runtime_needs_and_uninstall_puts_mitmproxy_back(
     from mitmproxy_ntlm.pool import ParentPool
 
     stream, handler = http_layers.HttpStream, server.ConnectionHandler
-    own = (_upstream_proxy.HttpUpstreamProxy, http_layers.HttpClient, handler.open_connection,
-           handler.handle_connection, stream.handle_connect_regular, stream.handle_connect_finish)
+    own = (internals.ORIGINAL_UPSTREAM_LAYER, internals.ORIGINAL_HTTP_CLIENT,
+           internals.ORIGINAL_OPEN, internals.ORIGINAL_HANDLE, internals.ORIGINAL_CONNECT_REGULAR,
+           internals.ORIGINAL_CONNECT_FINISH)  # mitmproxy's own, whatever earlier tests left
     rt = Runtime(policy=policy_for())
     try:
         internals.sync(rt)  # a policy, no pool, no origin logons

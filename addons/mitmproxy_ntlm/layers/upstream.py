@@ -32,6 +32,10 @@ from .origin_auth import OriginAuthLayer, run_step
 log = logging.getLogger("mitmproxy_ntlm")
 
 
+def _nothing() -> layer.CommandGenerator[None]:
+    yield from ()
+
+
 class OpenBeforeAnswer(events.Event):
     """Asks a new parent tunnel to open and authenticate before the CONNECT is answered."""
 
@@ -220,24 +224,31 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
             return True, None
         return False, None
 
+    # The four overrides every event, command and byte of a request passes (_handle_event,
+    # _handle_command, send_data, receive_data) return the generator to run instead of being
+    # one: no extra frame per command. Measured with bench/ab_cpu.py --pin (keep-alive, 6
+    # alternating rounds): 0.90x the CPU per request of plain generators.
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self.tunnel_state is tunnel.TunnelState.INACTIVE and isinstance(event, OpenBeforeAnswer):
-            yield from self._open_before_answer()
-        elif self._start_pending and isinstance(event, events.Start):
-            yield from self._start_on_open_tunnel(event)
-        elif self._timers and isinstance(event, events.Wakeup) and event.command in self._timers:
-            generation = self._timers.pop(event.command)
-            if self.engine is not None:
-                yield from self._on_timeout(generation)
-        elif self._retired and isinstance(event, events.ConnectionEvent) \
+            return self._open_before_answer()
+        if self._start_pending and isinstance(event, events.Start):
+            return self._start_on_open_tunnel(event)
+        if self._timers and isinstance(event, events.Wakeup) and event.command in self._timers:
+            return self._on_wakeup(event.command)
+        if self._retired and isinstance(event, events.ConnectionEvent) \
                 and event.connection in self._retired:
-            pass  # a parent connection we replaced after a closing 407
-        elif (self.engine is not None and not self._tunnel_open
+            return _nothing()  # a parent connection we replaced after a closing 407
+        if (self.engine is not None and not self._tunnel_open
               and isinstance(event, events.ConnectionClosed)
               and event.connection == self.tunnel_connection):
-            yield from self._on_parent_closed(event)
-        else:
-            yield from super()._handle_event(event)
+            return self._on_parent_closed(event)
+        return super()._handle_event(event)
+
+    def _on_wakeup(self, command: commands.RequestWakeup) -> layer.CommandGenerator[None]:
+        generation = self._timers.pop(command)
+        if self.engine is not None:
+            yield from self._on_timeout(generation)
 
     def _on_parent_closed(self, event: events.ConnectionClosed) -> layer.CommandGenerator[None]:
         """The parent connection closed before the tunnel opened or a plain request ended."""
@@ -289,9 +300,8 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
     def _handle_command(self, command: commands.Command) -> layer.CommandGenerator[None]:
         if (isinstance(command, commands.OpenConnection) and command.connection == self.conn
                 and self.rt.policy is not None):
-            yield from self._open_tunnel(command)
-        else:
-            yield from super()._handle_command(command)
+            return self._open_tunnel(command)
+        return super()._handle_command(command)
 
     def _open_tunnel(self, command: commands.OpenConnection) -> layer.CommandGenerator[None]:
         """As TunnelLayer does, plus failover to the next parent, roaming, and an error that
@@ -411,21 +421,19 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
 
     def send_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
-            yield from super().send_data(data)
-            return
+            return super().send_data(data)
         lender = self.lender
         if lender is not None and lender.streams is not None and lender.streams.lent:
             lender.reacquire(self._pool_key(), self.engine)
-        yield from self._run(self._step(self.engine.from_child, data))
+        return self._run(self._step(self.engine.from_child, data))
 
     def receive_data(self, data: bytes) -> layer.CommandGenerator[None]:
         if self.engine is None or self._tunnel_open:
-            yield from super().receive_data(data)
-            return
+            return super().receive_data(data)
         streams = self.lender.streams if self.lender is not None else None
         if streams is not None:
             streams.seen += len(data)
-        yield from self._run(self._step(self.engine.from_parent, data), lend=True)
+        return self._run(self._step(self.engine.from_parent, data), lend=True)
 
     def receive_close(self) -> layer.CommandGenerator[None]:
         if self.engine is not None and not self._tunnel_open:

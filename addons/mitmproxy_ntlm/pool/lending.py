@@ -476,7 +476,7 @@ def handle_connection(handler: server.ConnectionHandler, conn: connection.Connec
     return them to the pool when mitmproxy closes them. Not a coroutine itself: it returns
     mitmproxy's, so each read of every connection (clients' too) passes no extra frame.
     (mitmproxy calls it once the connection's transports are set, in all supported versions.)"""
-    opening = openings.opened.pop(conn, None) if openings.opened else None
+    opening = openings.opened.pop(conn, None)
     if opening is not None and opening.releaser is not None:
         io = handler.transports.get(conn)
         if (io is not None and isinstance(io.writer, asyncio.StreamWriter)

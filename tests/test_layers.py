@@ -307,7 +307,7 @@ def test_an_origin_rejecting_the_logon_passes_its_own_401_on(
 
 def test_sync_installs_what_the_runtime_needs_and_uninstall_puts_mitmproxy_back() -> None:
     """Every swap is made by `mitmproxy_internals.sync` and undone by `uninstall`."""
-    from mitmproxy.proxy import server
+    from mitmproxy.proxy import mode_servers, server
 
     from mitmproxy_ntlm import mitmproxy_internals as internals
     from mitmproxy_ntlm.layers import connect_answer
@@ -316,7 +316,8 @@ def test_sync_installs_what_the_runtime_needs_and_uninstall_puts_mitmproxy_back(
     stream, handler = http_layers.HttpStream, server.ConnectionHandler
     own = (internals.ORIGINAL_UPSTREAM_LAYER, internals.ORIGINAL_HTTP_CLIENT,
            internals.ORIGINAL_OPEN, internals.ORIGINAL_HANDLE, internals.ORIGINAL_CONNECT_REGULAR,
-           internals.ORIGINAL_CONNECT_FINISH)  # mitmproxy's own, whatever earlier tests left
+           internals.ORIGINAL_CONNECT_FINISH, internals.ORIGINAL_LISTEN)  # mitmproxy's own
+    listener = mode_servers.AsyncioServerInstance
     rt = Runtime(policy=policy_for())
     try:
         internals.sync(rt)  # a policy, no pool, no origin logons
@@ -330,10 +331,15 @@ def test_sync_installs_what_the_runtime_needs_and_uninstall_puts_mitmproxy_back(
         assert handler.open_connection is not own[2] and handler.handle_connection is not own[3]
         assert http_layers.HttpClient is origin_auth.http_client_with_origin_auth
         assert origin_auth.OriginAuthLayer.runtime is rt
+        assert listener.listen is own[6]  # a port of its own
+        rt.shared_port = True
+        internals.sync(rt)
+        assert listener.listen is not own[6] and listener.listen._ntlm_original is own[6]
     finally:
         internals.uninstall(rt)
     assert (_upstream_proxy.HttpUpstreamProxy, http_layers.HttpClient, handler.open_connection,
             handler.handle_connection, stream.handle_connect_regular,
-            stream.handle_connect_finish) == own
-    assert rt.pool is None and rt.policy is None and not internals.installed()
+            stream.handle_connect_finish, listener.listen) == own
+    assert rt.pool is None and rt.policy is None and not rt.shared_port
+    assert not internals.installed()
     assert NtlmUpstreamProxy.runtime is None and origin_auth.OriginAuthLayer.runtime is None

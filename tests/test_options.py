@@ -67,6 +67,7 @@ def test_each_addon_configures_again_on_the_options_it_reads() -> None:
         options.READ_BY_ROUTER: options.ROUTING,
         options.READ_BY_ACCESS: options.ACCESS,
         options.READ_BY_ORIGIN: options.ORIGIN,
+        options.READ_BY_LISTEN: options.LISTEN,
     }
     with taddons.context(ProxyAuth(), Proxyserver(), new_group()) as tctx:
         for names, section in watched.items():

@@ -84,3 +84,17 @@ def test_script_and_configs_are_files_of_the_package() -> None:
     assert {p.name for p in configs} == {"upstream.yaml", "multiuser.yaml", "regular-mode.yaml",
                                          "failover.yaml", "pac.yaml"}
     assert all(p.is_file() and package in p.parents for p in configs)
+
+
+def test_every_shipped_config_is_package_data() -> None:
+    """A file in configs/ that no package-data pattern names would be missing from the wheel
+    (the balancer configs, the service units), though the checkout's tests find it."""
+    from fnmatch import fnmatch
+
+    from mitmproxy_ntlm.locations import CONFIGS
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["mitmproxy_ntlm"]
+    names = {p.name for p in CONFIGS.iterdir()}
+    assert {"haproxy.cfg", "nginx-stream.conf", "mitm-ntlm.service"} <= names
+    assert [n for n in sorted(names) if not any(fnmatch(f"configs/{n}", p) for p in patterns)] == []

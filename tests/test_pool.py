@@ -382,6 +382,29 @@ def test_busy_connections_are_waited_for_briefly_before_logging_on(mitm, parent,
     assert stats.type3_count == 1 and stats.connections == 1
 
 
+def test_a_kept_alive_client_waits_for_a_busy_connection_on_its_own(mitm, parent, origin):
+    # A kept-alive client whose next request finds the user's only connection busy (lent to
+    # another client) waits for it behind the server connection it has: mitmproxy's server
+    # connection is not closed and opened again (hooks, log lines) for every such request.
+    import httpx
+
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_grace": 2000}, env=ENV)
+    with httpx.Client(proxy=m.url, timeout=30) as kept:
+        assert kept.get(f"{origin.url}/hello").text == "hello"
+        slow = threading.Thread(target=get, args=(m, f"{origin.url}/slow/800"))
+        slow.start()
+        try:
+            assert m.wait_for("reused pooled connection")
+            time.sleep(0.2)  # the slow request holds the only connection
+            assert kept.get(f"{origin.url}/hello?next").text == "hello"
+        finally:
+            slow.join(15)
+    assert parent.snapshot().type3_count == 1
+    assert parent.snapshot().connections == 1
+    # One mitmproxy server connection per client connection, none opened again.
+    assert m.output.count("server connect") == 2, m.output[-3000:]
+
+
 def test_a_grace_wait_that_ends_opens_another_connection(mitm, parent, origin):
     # The only connection is busy for longer than ntlm_pool_grace (300 ms): the next client
     # waits that long, then logs on again rather than waiting for the slow response.

@@ -33,7 +33,7 @@ from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
 from .layers.upstream import answer_failed_tunnel
 from .legflows import leg_flows, parent_answer
 from .multiuser import ClientLogins
-from .policy import AuthUnavailable, LockoutGuard, UpstreamPolicy
+from .policy import AuthUnavailable, Guard, UpstreamPolicy, new_guard
 from .pool import ParentPool
 from .proxy_credentials import drop_client_proxy_credentials, relayed_to_parent
 from .report import build_report, write_report
@@ -78,6 +78,7 @@ class NtlmUpstreamAuth:
         self.tickets: KerberosTickets | None = None
         self.reloader = SecretReloader(self.reload_secrets, self.reload_on_hangup)
         self._config_names: set[str] = set()  # the options ntlm_config set when last read
+        self._running = False  # past start-up: option changes come from the user
 
     def load(self, loader: Loader) -> None:
         quiet_spnego_logs()
@@ -115,7 +116,7 @@ class NtlmUpstreamAuth:
                 self._switch_off()
                 return
             self.logins = None
-            self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+            self._install(creds=creds, guard=new_guard(opts))
             log.info("[ntlm] Kerberos only, as %s, to the parent proxy", creds.principal)
             return
         try:
@@ -126,7 +127,7 @@ class NtlmUpstreamAuth:
             log.warning("[ntlm] ntlm_password is set in the options: other local users can see "
                         "it in the process list; prefer ntlm_password_file or ntlm_pass_nt")
         self.logins = None
-        self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+        self._install(creds=creds, guard=new_guard(opts))
         self.reloader.watch(opts.ntlm_password_file)
         if opts.ntlm_password_keyring:
             log.info("[ntlm] the password of %s was read from the OS keyring (read again on "
@@ -231,8 +232,8 @@ class NtlmUpstreamAuth:
                 "combined with proxyauth (which removes them before this addon sees them). "
                 "Only a SOCKS5-only instance needs proxyauth (e.g. --set proxyauth=any), because "
                 "mitmproxy asks SOCKS5 clients for a password only when it is set.")
-        self._install(creds=None, guard=LockoutGuard(opts.ntlm_max_failures,
-                                                     cooldown=float(opts.ntlm_lockout_cooldown)))
+        self._install(creds=None,
+                      guard=new_guard(opts, cooldown=float(opts.ntlm_lockout_cooldown)))
         assert self.policy is not None
         self.logins = ClientLogins(self.policy, opts.ntlm_domain, opts.ntlm_workstation.upper(),
                                    keep_passwords=self._tickets_from_passwords())
@@ -255,7 +256,7 @@ class NtlmUpstreamAuth:
         creds = winbind.winbind_identity(opts.ntlm_username, opts.ntlm_domain,
                                          opts.ntlm_workstation)
         self.logins = None
-        self._install(creds=creds, guard=LockoutGuard(opts.ntlm_max_failures))
+        self._install(creds=creds, guard=new_guard(opts))
         log.info("[ntlm] NTLM by winbind (cached credentials) as %s to the parent proxy",
                  creds.principal)
 
@@ -312,7 +313,7 @@ class NtlmUpstreamAuth:
         return kerberos_only(principal or "the ticket cache's principal",
                              opts.ntlm_workstation)
 
-    def _install(self, creds: Credentials | None, guard: LockoutGuard) -> None:
+    def _install(self, creds: Credentials | None, guard: Guard) -> None:
         """Validate the shared options and route parent connections through the NTLM layer."""
         opts = ctx.options
         try:
@@ -337,6 +338,8 @@ class NtlmUpstreamAuth:
             on_finished=self._handshake_finished,
             recovery=_recovery_hint(),
         )
+        if self._running:  # an options change lifts the guard; a (re)start must not wipe
+            guard.reset()  # what other processes counted in ntlm_lockout_file
         self._configure_pool()
 
     def _configure_pool(self) -> None:
@@ -363,6 +366,7 @@ class NtlmUpstreamAuth:
         mitmproxy_internals.sync(self.runtime)
 
     def running(self) -> None:
+        self._running = True
         self.reloader.start()
         _show_comment_column()
         if self.policy is None:
@@ -662,11 +666,14 @@ def _recovery_hint() -> str:
     ways = []
     if ctx.options.ntlm_password_file:
         ways.append(f"correct {ctx.options.ntlm_password_file} (read again within seconds)")
+    shared = ctx.options.ntlm_lockout_file  # a reset in any process using it lifts the guard
     if SIGHUP is not None:
-        ways.append(f"send mitmproxy SIGHUP (kill -HUP {os.getpid()})")
+        ways.append(f"send mitmproxy SIGHUP (kill -HUP {os.getpid()}"
+                    + (f", or any process using {shared})" if shared else ")"))
     if type(ctx.master).__name__ in ("WebMaster", "ConsoleMaster"):  # they have a command line
         ways.append("run the command ntlm.reset")
-    ways.append("restart mitmproxy")
+    ways.append(f"stop every mitmproxy process using {shared}, delete it (and its -wal and -shm "
+                f"files) and start them again" if shared else "restart mitmproxy")
     return ", ".join(ways[:-1]) + " or " + ways[-1]
 
 

@@ -55,6 +55,7 @@ from .locations import ADDON_SCRIPT, DEFAULT_CONFDIR, example_configs, mitmproxy
 from .trust_hints import trust_instructions
 from .userfile import FileRefused, read_regular_file
 from .versions import version_report
+from .workers import run_workers, worker_settings
 
 PASSWORD_ENV = "MITM_NTLM_PASSWORD"
 
@@ -156,6 +157,11 @@ def start(args: argparse.Namespace) -> int:
         file_options = read_config(config) if config else {}
     except (InterceptError, exceptions.OptionsError) as e:
         return fail("start", str(e))
+    if args.workers < 1:
+        return fail("start", f"--workers {args.workers}: give 1 or more")
+    if args.workers > 1 and args.tool != "mitmdump":
+        return fail("start", f"--workers runs mitmdump processes; {args.tool} has one "
+                    f"window per process: use --tool mitmdump, or one worker")
     if "scripts" in file_options:
         return fail("start", f"{config} sets scripts: start loads the addon itself; give further "
                     f"scripts on the command line (--set scripts=...)")
@@ -198,9 +204,21 @@ def start(args: argparse.Namespace) -> int:
         print(f"Demo: a local parent proxy that demands NTLM runs at {demo.url} "
               f"(user DEMO\\demo, random password).")
         print(f"Try:  curl -x http://{host}:{port} http://ntlm-demo.invalid/")
+    if args.workers > 1:
+        args.set = (args.set or []) + worker_settings(
+            args, file_options, confdir_of(args, file_options), user_sets)
     cmd = build_command(args, parent_url, host, port, config, file_options)
     announce_https(args, file_options)
     sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file
+    if args.workers > 1:
+        if demo is None and os.name == "posix":  # a supervisor without mitmproxy loaded
+            supervisor = [sys.executable, "-m", "mitmproxy_ntlm.workers", str(args.workers),
+                          "--", *cmd]
+            try:
+                os.execve(sys.executable, supervisor, env)
+            except OSError as e:
+                return fail("start", f"cannot run {sys.executable}: {e.strerror}")
+        return run_workers(cmd, env, args.workers, demo)
     if demo is None and os.name == "posix":
         try:  # mitmdump takes this process's place: a service manager signals it directly
             os.execvpe(cmd[0], cmd, env)
@@ -496,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen-host", help="default: the config file's listen_host, or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: the config file's listen_port, or 3128")
     p.add_argument("--tool", default="mitmdump", choices=["mitmdump", "mitmweb", "mitmproxy"])
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N mitmdump processes on the port, for more than one core "
+                   "(default 1)")
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="any further mitmproxy option (repeatable)")
     p.add_argument("--intercept", metavar="HOSTS|all",

@@ -9,6 +9,7 @@ itself kept, in memory, because the KDC needs it (or a key derived with the real
 from __future__ import annotations
 
 import binascii
+import functools
 import os
 import re
 import stat
@@ -172,6 +173,7 @@ def check_client_names(name: str, domain: str) -> None:
             raise CredentialError(f"the {what} is too long ({size} bytes; at most {cap})")
 
 
+@functools.lru_cache(maxsize=256)  # asked per logon and per pooled request; names are short
 def account_of(principal: str) -> str:
     """The account a logon counts against, as the lockout guard counts: the user name without
     any domain (`DOMAIN\\user`, `user@domain`), compared case-insensitively.

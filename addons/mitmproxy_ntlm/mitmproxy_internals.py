@@ -9,7 +9,9 @@ the rest (`uninstall` puts everything back):
   `layers.connect_answer`, plus its `ServerTlsFirst` addon;
 - with a pool: `ConnectionHandler.open_connection`/`handle_connection` the wrappers that lend
   sockets (`pool.lending`);
-- with origin logons: `layers.http.HttpClient` becomes `layers.origin_auth`'s factory.
+- with origin logons: `layers.http.HttpClient` becomes `layers.origin_auth`'s factory;
+- with a shared port (workers): `AsyncioServerInstance.listen` binds TCP listeners with
+  SO_REUSEPORT (`_listen_shared`).
 Every swapped-in function carries `_ntlm_original`, so that a reloaded script finds
 mitmproxy's own. The version check refuses mitmproxy lines not in
 `versions.TESTED_MITMPROXY` (`_upstream_proxy.py`, `tunnel.py`, `server.py`, `_http1.py` were
@@ -18,13 +20,14 @@ compared between them, see docs/design.md).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import mitmproxy
 from mitmproxy import connection
 from mitmproxy import ctx as mitmproxy_ctx
-from mitmproxy.proxy import commands, layer, server
+from mitmproxy.proxy import commands, layer, mode_servers, server
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _upstream_proxy
 
@@ -50,6 +53,7 @@ ORIGINAL_OPEN = _original(server.ConnectionHandler, "open_connection")
 ORIGINAL_HANDLE = _original(server.ConnectionHandler, "handle_connection")
 ORIGINAL_CONNECT_REGULAR = _original(http_layers.HttpStream, "handle_connect_regular")
 ORIGINAL_CONNECT_FINISH = _original(http_layers.HttpStream, "handle_connect_finish")
+ORIGINAL_LISTEN = _original(mode_servers.AsyncioServerInstance, "listen")
 
 
 class UnsupportedMitmproxy(RuntimeError):
@@ -83,6 +87,10 @@ def check_version(version: str | None = None) -> None:
     for name in ("handle_connect_regular", "handle_connect_finish"):
         if not hasattr(http_layers.HttpStream, name):  # pragma: no cover
             raise UnsupportedMitmproxy(f"mitmproxy {version}: HttpStream.{name} is missing")
+    for name in ("listen", "handle_stream"):
+        if not hasattr(mode_servers.AsyncioServerInstance, name):  # pragma: no cover
+            raise UnsupportedMitmproxy(
+                f"mitmproxy {version}: AsyncioServerInstance.{name} is missing")
 
 
 # ---------------------------------------------------------------------- the swaps
@@ -107,7 +115,18 @@ def _handle_connection(self: server.ConnectionHandler,
     return lending.handle_connection(self, conn, runtime.openings, ORIGINAL_HANDLE)
 
 
+async def _listen_shared(self: mode_servers.AsyncioServerInstance, host: str,
+                         port: int) -> list[Any]:
+    """mitmproxy's TCP listener with SO_REUSEPORT: each worker process binds the same port
+    and the kernel spreads new connections over them. A port chosen by the system (0) or a
+    UDP listener cannot be shared: mitmproxy's own then."""
+    if port == 0 or self.mode.transport_protocol != "tcp":
+        return await ORIGINAL_LISTEN(self, host, port)  # type: ignore[no-any-return]
+    return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+
 _open_connection._ntlm_original = ORIGINAL_OPEN  # type: ignore[attr-defined]
+_listen_shared._ntlm_original = ORIGINAL_LISTEN  # type: ignore[attr-defined]
 _handle_connection._ntlm_original = ORIGINAL_HANDLE  # type: ignore[attr-defined]
 
 
@@ -124,7 +143,7 @@ def sync(runtime: Runtime) -> None:
     upstream_on = runtime.policy is not None
     pool_on = upstream_on and runtime.pool is not None
     origin_on = runtime.origin_engines is not None
-    if upstream_on or origin_on:
+    if upstream_on or origin_on or runtime.shared_port:
         check_version()
     _bound = runtime if (upstream_on or origin_on) else None
     upstream.NtlmUpstreamProxy.runtime = runtime if upstream_on else None
@@ -141,6 +160,8 @@ def sync(runtime: Runtime) -> None:
           pool_on)
     _swap(http_layers, "HttpClient", origin_auth.http_client_with_origin_auth,
           ORIGINAL_HTTP_CLIENT, origin_on)
+    _swap(mode_servers.AsyncioServerInstance, "listen", _listen_shared, ORIGINAL_LISTEN,
+          runtime.shared_port)
     master = getattr(mitmproxy_ctx, "master", None)
     if master is not None:
         tls_first = master.addons.get(connect_answer.ServerTlsFirst.name)
@@ -159,6 +180,7 @@ def uninstall(runtime: Runtime | None = None) -> None:
         runtime.replace_pool(None)
         runtime.policy = None
         runtime.origin_engines = None
+        runtime.shared_port = False
     sync(runtime if runtime is not None else Runtime())
 
 

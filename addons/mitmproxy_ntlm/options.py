@@ -89,6 +89,11 @@ CREDENTIALS: tuple[Option, ...] = (  # NtlmUpstreamAuth: identity, secrets, hand
     Option("ntlm_lockout_cooldown", int, 300,
            "Multi-user mode: seconds a user's credentials stay blocked after ntlm_max_failures "
            "consecutive rejections.", minimum=0),
+    Option("ntlm_lockout_file", str, "",
+           "A file (SQLite) where the lockout guard keeps its counts, shared by every mitmproxy "
+           "process that names it (workers of `mitm-ntlm start --workers`, instances behind a "
+           "load balancer on one machine), so ntlm_max_failures bounds failed logons per "
+           "account across them all. Empty: counts in this process."),
     Option("ntlm_scheme", str, SchemeMode.AUTO.value,
            "auto: Kerberos (Negotiate) when a ticket is available and the peer offers "
            "Negotiate, else NTLM; kerberos or ntlm pin one scheme.",
@@ -209,7 +214,14 @@ ORIGIN: tuple[Option, ...] = (  # OriginAuth: logons to servers
            "DOMAIN\\\\user and the password on two lines. Default: the upstream credentials. A "
            "list; each entry may be comma-separated."),
 )
-OPTIONS = UPSTREAM + ROUTING + ACCESS + ORIGIN
+LISTEN: tuple[Option, ...] = (  # SharedPort: more than one process on the port
+    Option("ntlm_shared_port", bool, False,
+           "Listen with SO_REUSEPORT, so several mitmproxy processes started with this option "
+           "on the same port share it, the kernel spreading new client connections over them "
+           "(`mitm-ntlm start --workers N` sets it). Read at start. Linux spreads the "
+           "connections; other systems only share the port."),
+)
+OPTIONS = UPSTREAM + ROUTING + ACCESS + ORIGIN + LISTEN
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
@@ -230,7 +242,9 @@ READ_BY_ROUTER = names(ROUTING) | {"connection_strategy", "mode"}
 READ_BY_ACCESS = names(ACCESS) | {
     "mode", "listen_host", "proxyauth", "ntlm_multiuser", "ntlm_username", "ntlm_winbind",
     "ntlm_scheme", "ntlm_kerberos_ccache", "ntlm_kerberos_keytab"}
-READ_BY_ORIGIN = names(ORIGIN) | {"ntlm_dialect", "ntlm_max_failures", "ntlm_workstation"}
+READ_BY_ORIGIN = names(ORIGIN) | {"ntlm_dialect", "ntlm_max_failures", "ntlm_workstation",
+                                   "ntlm_lockout_file"}
+READ_BY_LISTEN = names(LISTEN)
 
 
 def declare(loader: Loader, section: Iterable[Option]) -> None:

@@ -26,7 +26,7 @@ from .credentials import (
     read_secret_text,
 )
 from .handshake import Dialect
-from .policy import LockoutGuard, UpstreamPolicy
+from .policy import UpstreamPolicy, new_guard
 from .runtime import Runtime
 
 log = logging.getLogger("mitmproxy_ntlm")
@@ -69,7 +69,7 @@ class OriginAuth:
                 raise exceptions.OptionsError(f"ntlm_origin_credentials: {e}") from None
             self.own_credentials.append((pattern.strip().lower(), creds))
         self.fallback_policy = UpstreamPolicy(creds=None, dialect=Dialect(opts.ntlm_dialect),
-                                              guard=LockoutGuard(opts.ntlm_max_failures))
+                                              guard=new_guard(opts))
         self.runtime.origin_engines = self.engine_for if self.hosts else None
         mitmproxy_internals.sync(self.runtime)
         if self.hosts:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import options
 from .bounded import BoundedMap, approx_size
@@ -35,6 +35,27 @@ class Attempt:
 
 class AttemptsBusy(Exception):
     """Failures plus logons in flight reach the limit for this account: wait, or refuse."""
+
+
+class Guard(Protocol):
+    """What the policy asks of a lockout guard: `LockoutGuard` (counts in this process) or
+    `shared_guard.SharedLockoutGuard` (counts in a file shared by several processes)."""
+
+    limit: int
+    cooldown: float | None
+    attempt_timeout: float
+    on_block: Callable[[], None] | None
+
+    def failures(self, principal: str) -> int: ...
+    def blocked(self, principal: str) -> bool: ...
+    def rejected(self, principal: str) -> int: ...
+    def accepted(self, principal: str) -> None: ...
+    def any_blocked(self) -> bool: ...
+    def in_flight(self, principal: str) -> int: ...
+    def has_room(self, principal: str) -> bool: ...
+    def try_reserve(self, principal: str) -> Attempt | None: ...
+    def release(self, attempt: Attempt) -> None: ...
+    def reset(self) -> None: ...
 
 
 class LockoutGuard:
@@ -190,7 +211,7 @@ class UpstreamPolicy:
     # Defaults are the options' (options.py); the addon passes the options' values.
     creds: Credentials | None
     dialect: Dialect = field(default_factory=lambda: Dialect(options.default("ntlm_dialect")))
-    guard: LockoutGuard = field(
+    guard: Guard = field(
         default_factory=lambda: LockoutGuard(options.default("ntlm_max_failures")))
     replay_limit: int = options.default("ntlm_replay_limit")
     handshake_timeout: float = float(options.default("ntlm_handshake_timeout"))
@@ -245,11 +266,12 @@ class UpstreamPolicy:
     def attempt(self, creds: Credentials) -> Attempt | None:
         """Reserve a logon before a handshake with `creds` starts; end it with attempt_ended.
 
-        None: no reservation needed, the parent accepted these very credentials before.
+        None: no reservation needed, the parent accepted these very credentials before and
+        no rejection of the account was counted since (by any process sharing the guard).
         AttemptsBusy: the failures so far plus the logons in flight for the account reach
         ntlm_max_failures, so racing clients cannot send more wrong passwords than that.
         """
-        if self._secret_key(creds) in self.verified:
+        if self._secret_key(creds) in self.verified and not self.guard.failures(creds.principal):
             return None
         attempt = self.guard.try_reserve(creds.principal)
         if attempt is None and not self.guard.has_room(creds.principal):
@@ -283,6 +305,8 @@ class UpstreamPolicy:
 
     def credentials(self, client_id: str | None = None) -> Credentials:
         """The credentials to offer now for this client, or AuthUnavailable saying why not."""
+        if self.creds is not None and not self.may_refuse():  # every request: the short way
+            return self.creds
         if self.multiuser:
             creds = self.identities.get(client_id or "")
             if creds is None:
@@ -369,3 +393,13 @@ class UpstreamPolicy:
 def _count(n: int, noun: str) -> str:
     """`1 logon`, `3 logons`."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def new_guard(opts: Any, cooldown: float | None = None) -> Guard:
+    """The lockout guard the options ask for: in this process, or in ntlm_lockout_file
+    (shared by processes; SQLite is loaded only then)."""
+    if opts.ntlm_lockout_file:
+        from .shared_guard import SharedLockoutGuard
+
+        return SharedLockoutGuard(opts.ntlm_lockout_file, opts.ntlm_max_failures, cooldown)
+    return LockoutGuard(opts.ntlm_max_failures, cooldown)

@@ -41,6 +41,8 @@ class Runtime:
     roaming: bool = False
     # Automatic logon to allow-listed intranet servers (OriginAuth); None: off.
     origin_engines: OriginEngineFactory | None = None
+    # Listeners shared with other processes by SO_REUSEPORT (SharedPort, ntlm_shared_port).
+    shared_port: bool = False
     # Parent connections being opened through the pool (see pool.lending).
     openings: Openings = field(default_factory=Openings)
     # Server connections whose tunnel failed after the CONNECT was answered: the status and

@@ -36,6 +36,7 @@ from mitmproxy_ntlm.origin import OriginAuth
 from mitmproxy_ntlm.os_trust import OsTrustStore
 from mitmproxy_ntlm.routing import ParentRouter
 from mitmproxy_ntlm.runtime import Runtime
+from mitmproxy_ntlm.shared_port import SharedPort
 
 DEPRECATED_HOOKS = frozenset({"add_log"})
 """Hook names mitmproxy warns about when an addon merely has the attribute."""
@@ -139,4 +140,5 @@ def new_group() -> AddonGroup:
     # One runtime for the parts whose state the connection layers read (see runtime.py).
     runtime = Runtime()
     return AddonGroup(ClientAccess(), ParentRouter(runtime), NtlmUpstreamAuth(runtime),
-                      OriginAuth(runtime), OsTrustStore(), TokenViewAddon(), MemoryTrim())
+                      OriginAuth(runtime), SharedPort(runtime), OsTrustStore(), TokenViewAddon(),
+                      MemoryTrim())

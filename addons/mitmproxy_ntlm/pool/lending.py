@@ -158,6 +158,11 @@ class ParentLender:
         elif pool.full(key):
             streams.wait_for(pool.wait(key))
             engine.resume_pooled(key.creds, None, self.uses)
+        elif pool.worth_waiting(key):
+            # Some are busy: one usually comes free long before a new mitmproxy server
+            # connection would be set up (hooks and all); after ntlm_pool_grace, a new one.
+            streams.wait_for(pool.wait(key, grace=True), grace=True)
+            engine.resume_pooled(key.creds, None, self.uses)
         else:
             engine.needs_new_connection()
 
@@ -224,6 +229,7 @@ class ParentStreams:
         self.delivered = 0  # bytes mitmproxy read through these streams ...
         self.seen = 0  # ... and those the layer's engine got (fewer: some wait in a queue)
         self._waiter: Waiter | None = None
+        self._grace = False  # the waiter waits only ntlm_pool_grace long
         self._wake: asyncio.Future[None] | None = None
 
     @property
@@ -250,9 +256,11 @@ class ParentStreams:
             self._pending.clear()
         self._wakeup()
 
-    def wait_for(self, waiter: Waiter) -> None:
-        """Requests are written ahead while the pool finds a connection (`waiter`)."""
+    def wait_for(self, waiter: Waiter, grace: bool = False) -> None:
+        """Requests are written ahead while the pool finds a connection (`waiter`; `grace`:
+        only for ntlm_pool_grace)."""
         self._waiter = waiter
+        self._grace = grace
         self._wakeup()
 
     def give_up(self, why: str) -> None:
@@ -287,13 +295,16 @@ class ParentStreams:
 
     async def _await_waiter(self, waiter: Waiter) -> PooledConnection | None:
         pool = self.pool
+        grace = self._grace
         try:
-            entry = await pool.next_free(waiter)
+            entry = await pool.next_free(waiter, grace=grace)
         finally:
             self._waiter = None
+        if entry is None and grace and self.key is not None:
+            entry = pool.take(self.key)  # as the open path does after a grace wait
         if entry is None:
-            self.gave_up = (f"no connection came free within {pool.wait_timeout:g} s"
-                            if waiter.cancelled()
+            within = f"{pool.grace * 1000:g} ms" if grace else f"{pool.wait_timeout:g} s"
+            self.gave_up = (f"no connection came free within {within}" if waiter.cancelled()
                             else "a connection closed, so a new one may be opened")
         elif self.closed:
             pool.discard(entry.key, entry.writer)

@@ -82,6 +82,8 @@ class Config:
     warmup: float = 2.0
     connections: int = 8
     json_out: Path | None = None
+    b_env: tuple[str, ...] = ()  # NAME=VALUE for B's mitmdump only (e.g. PYTHONMALLOC=malloc)
+    b_set: tuple[str, ...] = ()  # --set OPTION=VALUE for B's mitmdump only
 
 
 @dataclasses.dataclass
@@ -120,7 +122,8 @@ class Contender:
         stop_proc(self.proc, signal.SIGINT)
 
 
-def start(st: Stack, name: str, tree: Path | None, passthrough: bool) -> Contender:
+def start(st: Stack, name: str, tree: Path | None, passthrough: bool,
+          extra_env: tuple[str, ...] = (), extra_sets: tuple[str, ...] = ()) -> Contender:
     """mitmdump in upstream mode: ``tree``'s addon against the NTLM Squid, or stock, open Squid."""
     confdir = st.workdir / f"mitm-{name}"
     confdir.mkdir(exist_ok=True)
@@ -128,6 +131,7 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool) -> Contend
     env = compare.client_env()
     env["PYTHONVERBOSE"] = "1"  # the imported files, for check_imports (start-up only)
     env.pop("PYTHONPATH", None)  # only the tree's own package, whatever the harness runs with
+    env.update(item.split("=", 1) for item in extra_env)  # type: ignore[arg-type]
     cmd = [mitmdump_bin()]
     if tree is not None:
         env["PYTHONPATH"] = str(tree / "addons")
@@ -142,7 +146,7 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool) -> Contend
             f"ntlm_domain={compare.DOMAIN}",
             "ntlm_password_env=BENCH_PW",
         ]
-    for s in sets:
+    for s in (*sets, *extra_sets):
         cmd += ["--set", s]
     if passthrough:
         cmd += ["--ignore-hosts", ".*"]
@@ -239,7 +243,8 @@ def contenders(st: Stack, cfg: Config, passthrough: bool) -> Iterator[list[Conte
     started: list[Contender] = []
     try:
         for name, tree in wanted:
-            c = start(st, name, tree, passthrough)
+            c = start(st, name, tree, passthrough, *((cfg.b_env, cfg.b_set) if name == "B"
+                                                     else ((), ())))
             started.append(c)
             if tree is not None:
                 print(check_imports(c), flush=True)
@@ -354,6 +359,10 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds first, per mode")
     p.add_argument("--connections", type=int, default=8, help="clients (c200: always 200)")
     p.add_argument("--json", type=Path, help="also write every round's numbers here")
+    p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment for B's mitmdump only (repeatable): A/B of a setting")
+    p.add_argument("--b-set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="--set for B's mitmdump only (repeatable): A/B of an option")
     p.add_argument("--pin", action="store_true",
                    help="mitmdumps on CPU 0, the load generators and servers on the rest")
     a = p.parse_args(argv)
@@ -370,7 +379,7 @@ def parse_args(argv: list[str] | None) -> Config:
     if a.rounds < 1 or a.duration <= 0:
         p.error("--rounds and --duration must be positive")
     return Config(a.a.resolve(), a.b.resolve(), not a.no_stock, modes, a.rounds, a.duration,
-                  a.warmup, a.connections, a.json)  # fmt: skip
+                  a.warmup, a.connections, a.json, tuple(a.b_env), tuple(a.b_set))  # fmt: skip
 
 
 def interrupt(signum: int, frame: object) -> None:

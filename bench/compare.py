@@ -11,12 +11,16 @@ reads and discards a PUT body), Squid demanding NTLM (``ntlm_fake_auth``, many h
 ``keep_alive on``) and a second Squid without authentication.
 
 Contenders: ``addon`` (mitmdump + addons/ntlm.py, upstream mode, intercepting), ``addon-pass``
-(the same with ``--ignore-hosts``), ``mitmdump`` (stock, no addon, parent = the no-auth Squid:
-the ceiling for any mitmproxy addon), ``cntlm`` (Debian), ``px`` (px-proxy from PyPI in its own
-venv, non-Windows mode), ``curl-ntlm`` (curl speaking NTLM to the NTLM Squid itself) and
-``squid-direct`` (load generators straight at the no-auth Squid: the physical limit).
+(the same with ``--ignore-hosts``), ``addon-w2`` (``mitm-ntlm start --workers 2
+--intercept all``: two mitmdumps on one port), ``mitmdump`` (stock, no addon, parent = the
+no-auth Squid: the ceiling for any mitmproxy addon), ``cntlm`` (Debian), ``px`` (px-proxy
+from PyPI in its own venv, non-Windows mode), ``curl-ntlm`` (curl speaking NTLM to the NTLM
+Squid itself) and ``squid-direct`` (load generators straight at the no-auth Squid: the
+physical limit).
 
-Workloads: ``keepalive`` (wrk, absolute-form small GETs on kept-alive connections),
+Workloads: ``light`` / ``light-connect`` (one client, one request at a time: kept-alive http,
+and a new https tunnel per request: the latency a person feels), ``keepalive`` (wrk,
+absolute-form small GETs on kept-alive connections),
 ``newconn-http`` / ``newconn-connect`` (Python workers, one new client connection per request,
 plain and https via CONNECT), ``c200`` (hey, 200 concurrent keep-alive clients), ``download`` /
 ``download-connect`` / ``upload`` / ``upload-connect`` (curl, one ``--size`` transfer), and only
@@ -64,8 +68,11 @@ PX_VENV = ROOT / "bench" / ".venv-px"
 LUA = ROOT / "bench" / "absolute.lua"
 USER, DOMAIN, PASSWORD = "alice", "CORP", "Bench-Pass-1"  # ntlm_fake_auth accepts any password
 SMALL_BODY = b"x" * 100
-CONTENDERS = ("addon", "addon-pass", "mitmdump", "cntlm", "px", "curl-ntlm", "squid-direct")
+CONTENDERS = ("addon", "addon-pass", "addon-w2", "mitmdump", "cntlm", "px", "curl-ntlm",
+              "squid-direct")
 WORKLOADS = (
+    "light",
+    "light-connect",
     "keepalive",
     "newconn-http",
     "newconn-connect",
@@ -481,6 +488,31 @@ def start_mitmdump(
     return Running(f"http://127.0.0.1:{port}", proc.pid, stop, log=st.workdir / f"{name}.log")
 
 
+def start_workers(st: Stack, cfg: Config, name: str, workers: int) -> Running:
+    """``mitm-ntlm start --workers N`` as a user runs it, intercepting like ``addon``: the
+    supervisor's process tree (it and its mitmdumps) is sampled."""
+    home = st.workdir / f"{name}-home"
+    home.mkdir(exist_ok=True)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mitm-ntlm"), "start", "--workers", str(workers),
+           "--parent", st.squid_ntlm.url, "--user", USER, "--domain", DOMAIN,
+           "--listen-host", "127.0.0.1", "--port", str(port), "--intercept", "all"]
+    for s in (f"confdir={home / 'mitm'}", "termlog_verbosity=warn", "flow_detail=0",
+              "ssl_insecure=true", "stream_large_bodies=1m", *cfg.addon_sets):
+        cmd += ["--set", s]
+    env = client_env(home=home)
+    env["MITM_NTLM_PASSWORD"] = PASSWORD
+    proc = spawn(cmd, st.workdir / f"{name}.log", env=env, cwd=home)
+    try:
+        wait_port(port, 60, proc)
+    except (RuntimeError, TimeoutError) as e:
+        stop_proc(proc)
+        raise RuntimeError(f"{name}: {e}: {tail(st.workdir / f'{name}.log')}") from e
+    time.sleep(2)  # every worker listening, not only the first
+    return Running(f"http://127.0.0.1:{port}", proc.pid, lambda: stop_proc(proc),
+                   log=st.workdir / f"{name}.log")
+
+
 def start_cntlm(st: Stack, cfg: Config) -> Running:
     """Debian cntlm in the foreground; the first dialect that gets a 200 through Squid wins."""
     binary = shutil.which("cntlm") or "/usr/sbin/cntlm"
@@ -562,6 +594,8 @@ def start_contender(st: Stack, cfg: Config, name: str, profile: Path | None) -> 
     """Start one contender; raises with the reason when it cannot run."""
     if name in ("addon", "addon-pass"):
         return start_mitmdump(st, cfg, name, True, name == "addon-pass", profile)
+    if name == "addon-w2":
+        return start_workers(st, cfg, name, 2)
     if name == "mitmdump":
         return start_mitmdump(st, cfg, name, False, False, None)
     if name == "cntlm":
@@ -871,9 +905,14 @@ def run_workload(running: Running, st: Stack, cfg: Config, workload: str) -> Loa
                 "curl opens a new connection per request only with Connection: close, "
                 "and then Squid leaves NTLM out of its 407"
             )
-        url = small_tls if workload == "newconn-connect" else small
-        conns = 200 if workload == "c200" else c
-        return run_curl_loop(running, url, d, conns, keepalive=not workload.startswith("newconn"))
+        url = small_tls if workload in ("newconn-connect", "light-connect") else small
+        conns = {"c200": 200, "light": 1, "light-connect": 1}.get(workload, c)
+        return run_curl_loop(running, url, d, conns,
+                             keepalive=not workload.startswith(("newconn", "light-connect")))
+    if workload == "light":  # one client, one request at a time: the latency a person feels
+        return run_wrk(running.proxy, small, d, 1)
+    if workload == "light-connect":  # one client, a new https tunnel per request
+        return run_newconn(running.proxy, small_tls, d, 1)
     if workload == "keepalive":
         return run_wrk(running.proxy, small, d, c)
     if workload == "newconn-http":

@@ -215,14 +215,14 @@ def test_restart_keeps_shared_counts_an_options_change_resets_them(tmp_path: Pat
     settings = {"listen_host": "127.0.0.1", "mode": ["upstream:http://127.0.0.1:3128"],
                 "ntlm_username": "alice", "ntlm_domain": "CORP", "ntlm_password": "x",
                 "ntlm_max_failures": 2, "ntlm_lockout_file": lockout}
-    with addon_process() as (tctx, group, first):
-        tctx.configure(group, **settings)
-        policy = first.policy
-        assert policy is not None and policy.creds is not None
-        for _ in range(2):
-            policy.rejected_by_parent(policy.creds, "parent:8080")
 
-    async def second_process() -> None:
+    async def two_processes() -> None:  # one loop: mitmproxy's log handlers outlive a context
+        with addon_process() as (tctx, group, first):
+            tctx.configure(group, **settings)
+            policy = first.policy
+            assert policy is not None and policy.creds is not None
+            for _ in range(2):
+                policy.rejected_by_parent(policy.creds, "parent:8080")
         with addon_process() as (tctx, group, second):
             tctx.configure(group, **settings)
             tctx.configure(group, ntlm_workstation="WS2")  # still starting up
@@ -232,7 +232,7 @@ def test_restart_keeps_shared_counts_an_options_change_resets_them(tmp_path: Pat
             tctx.configure(group, ntlm_handshake_timeout=10)
             assert second._blocked_reason() is None
 
-    asyncio.run(second_process())
+    asyncio.run(two_processes())
 
 
 # ---------------------------------------------------------------- two real mitmdumps

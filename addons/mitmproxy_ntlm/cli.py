@@ -55,7 +55,7 @@ from .locations import ADDON_SCRIPT, DEFAULT_CONFDIR, example_configs, mitmproxy
 from .trust_hints import trust_instructions
 from .userfile import FileRefused, read_regular_file
 from .versions import version_report
-from .workers import run_workers, worker_settings
+from .workers import create_ca, run_workers, worker_command, worker_settings
 
 PASSWORD_ENV = "MITM_NTLM_PASSWORD"
 
@@ -207,10 +207,12 @@ def start(args: argparse.Namespace) -> int:
     if args.workers > 1:
         args.set = (args.set or []) + worker_settings(
             args, file_options, confdir_of(args, file_options), user_sets)
+        create_ca(confdir_of(args, file_options))
     cmd = build_command(args, parent_url, host, port, config, file_options)
     announce_https(args, file_options)
     sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file
     if args.workers > 1:
+        cmd = worker_command(cmd)
         if demo is None and os.name == "posix":  # a supervisor without mitmproxy loaded
             supervisor = [sys.executable, "-m", "mitmproxy_ntlm.workers", str(args.workers),
                           "--", *cmd]

@@ -171,6 +171,14 @@ def sync(runtime: Runtime) -> None:
             master.addons.remove(tls_first)
 
 
+def share_listeners() -> None:
+    """Listen with SO_REUSEPORT from the start: for a worker process (`workers.run_worker`),
+    before mitmproxy binds. mitmproxy 12 loads `-s` scripts in a task that races its
+    listeners, so the script's `ntlm_shared_port` may come after the first bind."""
+    check_version()
+    _swap(mode_servers.AsyncioServerInstance, "listen", _listen_shared, ORIGINAL_LISTEN, True)
+
+
 def uninstall(runtime: Runtime | None = None) -> None:
     """Put all of mitmproxy's own back (addon unloaded or script reloaded); with `runtime`,
     its pool is closed and its layers switched off too."""

@@ -31,6 +31,7 @@ from mitmproxy_ntlm import options
 from mitmproxy_ntlm.access import ClientAccess
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
 from mitmproxy_ntlm.contentview import TokenViewAddon
+from mitmproxy_ntlm.log_level import LogLevel
 from mitmproxy_ntlm.memory import MemoryTrim
 from mitmproxy_ntlm.origin import OriginAuth
 from mitmproxy_ntlm.os_trust import OsTrustStore
@@ -141,4 +142,4 @@ def new_group() -> AddonGroup:
     runtime = Runtime()
     return AddonGroup(ClientAccess(), ParentRouter(runtime), NtlmUpstreamAuth(runtime),
                       OriginAuth(runtime), SharedPort(runtime), OsTrustStore(), TokenViewAddon(),
-                      MemoryTrim())
+                      MemoryTrim(), LogLevel())

@@ -267,7 +267,28 @@ class SharedLockoutGuard:
 
 
 def _open_file(path: str) -> sqlite3.Connection:
-    """The guard's file, created if need be, in WAL mode; OptionsError naming the cause."""
+    """The guard's file, created if need be, in WAL mode; OptionsError naming the cause.
+
+    Processes starting together (workers) set the file up at the same moment: switching to
+    WAL takes a lock that SQLite's busy timeout does not wait for, so "locked" is retried
+    for as long as that timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return _open_file_once(path)
+        except _Locked:
+            if time.monotonic() > deadline:
+                raise exceptions.OptionsError(
+                    f"ntlm_lockout_file {path}: cannot be used: another process keeps it "
+                    f"locked") from None
+            time.sleep(0.05)
+
+
+class _Locked(Exception):
+    """Another process holds the file's lock while setting it up."""
+
+
+def _open_file_once(path: str) -> sqlite3.Connection:
     why = _unusable(path)
     if why:
         raise exceptions.OptionsError(f"ntlm_lockout_file {path}: {why}")
@@ -296,6 +317,8 @@ def _open_file(path: str) -> sqlite3.Connection:
             db.close()
         if isinstance(e, exceptions.OptionsError):
             raise
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            raise _Locked() from None
         cause = "not an SQLite file" if isinstance(e, sqlite3.DatabaseError) and \
             "not a database" in str(e) else f"cannot be used: {e}"
         raise exceptions.OptionsError(f"ntlm_lockout_file {path}: {cause}") from None

@@ -51,6 +51,17 @@ def worker_settings(args: argparse.Namespace, file_options: dict[str, Any],
     return settings
 
 
+def create_ca(confdir: str) -> None:
+    """mitmproxy's CA, made once before the workers start: each worker would otherwise make
+    it at the same moment and one would read the other's half-written file."""
+    from mitmproxy import certs
+
+    folder = Path(confdir).expanduser()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (folder / "mitmproxy-ca.pem").exists():
+        certs.CertStore.create_store(folder, "mitmproxy", 2048)  # mitmproxy's key_size default
+
+
 class Workers:
     """The running workers: started, signalled, restarted and waited for together."""
 
@@ -121,8 +132,31 @@ def run_workers(cmd: list[str], env: dict[str, str], count: int, demo: Any) -> i
             demo.stop()
 
 
+def worker_command(mitmdump_cmd: list[str]) -> list[str]:
+    """A worker's command line: mitmdump's arguments, run by `run_worker`."""
+    return [sys.executable, "-m", "mitmproxy_ntlm.workers", "worker", *mitmdump_cmd[1:]]
+
+
+def run_worker(args: list[str]) -> int:
+    """mitmdump whose listeners have SO_REUSEPORT before it binds them (the addon's
+    `ntlm_shared_port` keeps them so once its script is loaded)."""
+    from mitmproxy.tools.main import mitmdump
+
+    from . import mitmproxy_internals
+
+    try:
+        mitmproxy_internals.share_listeners()
+    except mitmproxy_internals.UnsupportedMitmproxy as e:
+        print(f"mitm-ntlm: {e}", file=sys.stderr)
+        return 1
+    return mitmdump(args) or 0
+
+
 def main(argv: list[str]) -> int:
-    """`python -m mitmproxy_ntlm.workers N -- mitmdump ...`: the environment is passed on."""
+    """`python -m mitmproxy_ntlm.workers N -- COMMAND...` (the supervisor; the environment is
+    passed on) or `... workers worker MITMDUMP-ARGS...` (one worker)."""
+    if argv[:1] == ["worker"]:
+        return run_worker(argv[1:])
     count, sep, *cmd = argv
     if sep != "--" or not cmd:
         print("usage: python -m mitmproxy_ntlm.workers N -- COMMAND...", file=sys.stderr)

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.processes import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addons" / "ntlm.py"
 BIN = Path(sys.executable).parent
@@ -106,13 +108,8 @@ class Mitmdump:
         return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            terminate(self.proc)
         if self._reader:
             self._reader.join(5)
 

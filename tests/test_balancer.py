@@ -25,6 +25,7 @@ from mitmproxy_ntlm.messages import describe_authenticate
 from mitmproxy_ntlm.testing.parent import ParentProxy
 from tests.constants import TEST_DOMAIN
 from tests.mitm import Mitmdump, curl
+from tests.processes import terminate
 from tests.servers import Origin, free_port, wait_port
 
 MULTI = {"ntlm_multiuser": True, "ntlm_domain": TEST_DOMAIN}
@@ -126,13 +127,8 @@ include {d}/stream.conf;
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in logs if p.exists())
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
 

@@ -12,8 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from mitmproxy_ntlm.testing.parent import ParentProxy
 from tests.constants import TEST_DOMAIN
 from tests.mitm import ROOT, curl
+from tests.processes import Service, alive
 from tests.servers import client_env, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
@@ -60,42 +59,6 @@ def write_config(path: Path, parent: ParentProxy, port: int, user: str, password
                     f"ntlm_password_file: {password_file}\n{extra}")
 
 
-class Service:
-    """A command run the way a service manager runs it; output collected from a pipe."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, env=env,
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, after: int = 0, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.output[after:]:
-                return
-            assert self.proc.poll() is None, self.output
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not seen:\n{self.output}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(5)
-
-
 def children(pid: int) -> list[int]:
     """PIDs whose parent is pid (from /proc)."""
     found = []
@@ -107,14 +70,6 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def group_alive(pgid: int) -> bool:

@@ -9,118 +9,90 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.mitm import curl
+from tests.processes import Service, alive
 from tests.servers import client_env, free_port
 
 CLI = str(Path(sys.executable).parent / "mitm-ntlm")
 
 
-class Started:
-    """`mitm-ntlm start` in demo mode with its output collected by a thread."""
-
-    def __init__(self, home: Path, *args: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [CLI, "start", "--port", str(self.port), *args], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env=client_env(home=home),
-            start_new_session=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(re.findall(pattern, self.output)) < count:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"no {count}x {pattern!r}:\n{self.output[-3000:]}")
-            time.sleep(0.1)
-
-    def worker_pids(self) -> list[int]:
-        found = re.findall(r"workers share the port \(pids ([\d, ]+)\)", self.output)
-        return [int(p) for p in found[-1].split(", ")] if found else []
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:  # only what this test started, by its group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+def start(home: Path, *args: str) -> tuple[Service, int]:
+    """`mitm-ntlm start` in demo mode on a free port, its output collected."""
+    port = free_port()
+    return Service([CLI, "start", "--port", str(port), *args], client_env(home=home)), port
 
 
-def alive(pid: int) -> bool:
+def worker_pids(started: Service) -> list[int]:
+    found = re.findall(r"workers share the port \(pids ([\d, ]+)\)", started.output)
+    return [int(p) for p in found[-1].split(", ")] if found else []
+
+
+def stop(started: Service) -> None:
+    """SIGTERM to the supervisor, as a service manager stops it (it stops its workers)."""
+    proc = started.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        proc.wait(20)
+    except subprocess.TimeoutExpired:  # only what this test started, by its group
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 def test_two_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    started = Started(tmp_path, "--workers", "2")
+    started, port = start(tmp_path, "--workers", "2")
     try:
         started.wait_for("listening at", count=2)
-        pids = started.worker_pids()
+        pids = worker_pids(started)
         assert len(pids) == 2, started.output
         for _ in range(30):  # a new connection each: the kernel spreads them over both
-            r = curl("-x", f"http://127.0.0.1:{started.port}", "http://ntlm-demo.invalid/")
+            r = curl("-x", f"http://127.0.0.1:{port}", "http://ntlm-demo.invalid/")
             assert "DEMO\\demo" in r.stdout, r.stdout + r.stderr + started.output[-2000:]
         # Each worker keeps its own pool: one logon per worker that served, so two logons
         # prove both served (one worker alone would have logged on once and pooled).
-        started.wait_for(r"result=authenticated", count=2, timeout=5)
+        started.wait_for("result=authenticated", count=2, timeout=5)
         assert len(re.findall(r"result=authenticated", started.output)) == 2, started.output
         lockout = tmp_path / ".mitmproxy" / "mitm-ntlm-lockout.sqlite"
         assert lockout.is_file()  # the workers count failed logons in one place
         assert lockout.stat().st_mode & 0o077 == 0  # account names: for this user only
     finally:
-        started.stop()
+        stop(started)
     assert started.proc.returncode is not None
     assert not [pid for pid in pids if alive(pid)]
 
 
 def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
-    started = Started(tmp_path, "--workers", "2")
+    started, port = start(tmp_path, "--workers", "2")
     try:
         started.wait_for("listening at", count=2)
-        first, second = started.worker_pids()
+        first, second = worker_pids(started)
         time.sleep(5.5)  # past the start-up window: a death now is a crash, not a bad option
         os.kill(first, signal.SIGKILL)
-        started.wait_for(rf"worker {first} ended \(exit -9\): starting another", timeout=10)
+        started.wait_for(f"worker {first} ended (exit -9): starting another", timeout=10)
         started.wait_for("listening at", count=3)
         for _ in range(6):
-            r = curl("-x", f"http://127.0.0.1:{started.port}", "http://ntlm-demo.invalid/")
+            r = curl("-x", f"http://127.0.0.1:{port}", "http://ntlm-demo.invalid/")
             assert "DEMO\\demo" in r.stdout, r.stdout + r.stderr
         assert alive(second)
     finally:
-        started.stop()
+        stop(started)
 
 
 def test_a_bad_option_stops_every_worker_with_the_reason(tmp_path: Path) -> None:
-    started = Started(tmp_path, "--workers", "3", "--set", "ntlm_max_failures=-1")
+    started, _ = start(tmp_path, "--workers", "3", "--set", "ntlm_max_failures=-1")
     try:
         code = started.proc.wait(30)
     finally:
-        started.stop()
+        stop(started)
     assert code != 0
     assert "ended at start-up" in started.output, started.output
     assert "ntlm_max_failures" in started.output, started.output
-    assert not [pid for pid in started.worker_pids() if alive(pid)]
+    assert not [pid for pid in worker_pids(started) if alive(pid)]
 
 
 @pytest.mark.parametrize("args, message", [

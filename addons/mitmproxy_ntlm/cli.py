@@ -205,9 +205,9 @@ def start(args: argparse.Namespace) -> int:
               f"(user DEMO\\demo, random password).")
         print(f"Try:  curl -x http://{host}:{port} http://ntlm-demo.invalid/")
     if args.workers > 1:
-        args.set = (args.set or []) + worker_settings(
-            args, file_options, confdir_of(args, file_options), user_sets)
-        create_ca(confdir_of(args, file_options))
+        confdir = confdir_of(args, file_options)
+        args.set = (args.set or []) + worker_settings(args, file_options, confdir, user_sets)
+        create_ca(confdir)
     cmd = build_command(args, parent_url, host, port, config, file_options)
     announce_https(args, file_options)
     sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file

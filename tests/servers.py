@@ -760,14 +760,18 @@ class Squid:
         except FileNotFoundError:
             return []
 
-    def wait_for_log(self, text: str, timeout: float = 5.0) -> bool:
-        """True once an access log line contains `text` (lines land when transactions end)."""
+    def wait_for_log(self, text: str, timeout: float = 5.0, since: int = 0, count: int = 1) -> bool:
+        """True once `count` access log lines after the first `since` contain `text`.
+
+        Squid writes a line when a transaction ends, a moment after the client has its answer.
+        """
+        def seen() -> bool:
+            return sum(text in line for line in self.access_log()[since:]) >= count
+
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.access_log()):
-                return True
+        while time.monotonic() < deadline and not seen():
             time.sleep(0.05)
-        return any(text in line for line in self.access_log())
+        return seen()
 
     def cache_log(self) -> list[str]:
         """Lines of cache.log so far."""

@@ -314,14 +314,14 @@ def test_connect_on_a_pooled_connection_the_parent_dropped(mitm, make_parent, or
 
 
 def test_squid_accepts_reused_connections(mitm, squid_ntlm, origin):
-    before = sum("TCP_DENIED/407" in line for line in squid_ntlm.access_log())
+    before = len(squid_ntlm.access_log())
     m = mitm(squid_ntlm.url, CREDS, env=ENV)
     for _ in range(5):
         assert get(m, f"{origin.url}/hello") == "hello"
-    assert squid_ntlm.wait_for_log("TCP_MISS/200")
-    time.sleep(0.5)
-    denied = sum("TCP_DENIED/407" in line for line in squid_ntlm.access_log()) - before
-    assert denied == 1, squid_ntlm.access_log()[-8:]
+    squid_ntlm.wait_for_log("TCP_MISS/200", since=before, count=5)
+    new = squid_ntlm.access_log()[before:]
+    assert sum("TCP_MISS/200" in line for line in new) == 5, new
+    assert sum("TCP_DENIED/407" in line for line in new) == 1, new
 
 
 def test_status_and_mitmweb_show_the_pool(tmp_path, parent, origin):

@@ -618,6 +618,13 @@ class NtlmUpstreamAuth:
                          f"waited up to {pool.grace * 1000:g} ms ({st.grace_timeouts} in vain), "
                          f"{st.salvaged} read to the end after their client left "
                          f"({st.salvage_failed} closed instead)")
+        counts = self.runtime.direct_counts
+        if self.runtime.direct is None:
+            lines.append("direct tunnels: off (mitmproxy's layers carry every tunnel)")
+        else:
+            lines.append(f"direct tunnels (ignore_hosts, outside mitmproxy's layers): "
+                         f"{counts.opened} opened, {counts.open_now} open now, "
+                         f"{counts.failed} failed")
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {shown(user)}: {policy.guard.failures(user)} consecutive "

@@ -8,7 +8,8 @@ the rest (`uninstall` puts everything back):
   `HttpStream.handle_connect_regular`/`handle_connect_finish` the wrappers of
   `layers.connect_answer`, plus its `ServerTlsFirst` addon;
 - with a pool: `ConnectionHandler.open_connection`/`handle_connection` the wrappers that lend
-  sockets (`pool.lending`);
+  sockets (`pool.lending`); with direct tunnels, `handle_connection` of a client looks at its
+  first bytes (`direct_tunnel`);
 - with origin logons: `layers.http.HttpClient` becomes `layers.origin_auth`'s factory;
 - with a shared port (workers): `AsyncioServerInstance.listen` binds TCP listeners with
   SO_REUSEPORT (`_listen_shared`).
@@ -110,6 +111,8 @@ def _open_connection(self: server.ConnectionHandler,
 def _handle_connection(self: server.ConnectionHandler,
                        conn: connection.Connection) -> Coroutine[Any, Any, None]:
     runtime = _bound
+    if runtime is not None and runtime.direct is not None and conn is self.client:
+        return runtime.direct.serve(self, runtime, ORIGINAL_HANDLE)
     if runtime is None or not runtime.openings.opened:  # not a parent connection of ours
         return ORIGINAL_HANDLE(self, conn)  # type: ignore[no-any-return]
     return lending.handle_connection(self, conn, runtime.openings, ORIGINAL_HANDLE)
@@ -157,7 +160,7 @@ def sync(runtime: Runtime) -> None:
           ORIGINAL_CONNECT_FINISH, upstream_on)
     _swap(server.ConnectionHandler, "open_connection", _open_connection, ORIGINAL_OPEN, pool_on)
     _swap(server.ConnectionHandler, "handle_connection", _handle_connection, ORIGINAL_HANDLE,
-          pool_on)
+          pool_on or (upstream_on and runtime.direct is not None))
     _swap(http_layers, "HttpClient", origin_auth.http_client_with_origin_auth,
           ORIGINAL_HTTP_CLIENT, origin_on)
     _swap(mode_servers.AsyncioServerInstance, "listen", _listen_shared, ORIGINAL_LISTEN,
@@ -189,6 +192,7 @@ def uninstall(runtime: Runtime | None = None) -> None:
         runtime.policy = None
         runtime.origin_engines = None
         runtime.shared_port = False
+        runtime.direct = None
     sync(runtime if runtime is not None else Runtime())
 
 

@@ -221,7 +221,15 @@ LISTEN: tuple[Option, ...] = (  # SharedPort: more than one process on the port
            "(`mitm-ntlm start --workers N` sets it). Read at start. Linux spreads the "
            "connections; other systems only share the port."),
 )
-OPTIONS = UPSTREAM + ROUTING + ACCESS + ORIGIN + LISTEN
+TUNNELS: tuple[Option, ...] = (  # DirectTunnelSwitch: passthrough tunnels without the layers
+    Option("ntlm_direct_tunnels", bool, True,
+           "Relay CONNECT tunnels to ignore_hosts hosts (passthrough, what `mitm-ntlm start` "
+           "does by default) outside mitmproxy's layers: about half the CPU per tunnel. Only "
+           "in mitmdump, with one identity for all clients and an http parent in upstream "
+           "mode; such tunnels skip mitmproxy's http_connect, next_layer and server hooks. "
+           "false: mitmproxy handles them like any other connection."),
+)
+OPTIONS = UPSTREAM + ROUTING + ACCESS + ORIGIN + LISTEN + TUNNELS
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
@@ -245,6 +253,9 @@ READ_BY_ACCESS = names(ACCESS) | {
 READ_BY_ORIGIN = names(ORIGIN) | {"ntlm_dialect", "ntlm_max_failures", "ntlm_workstation",
                                    "ntlm_lockout_file"}
 READ_BY_LISTEN = names(LISTEN)
+READ_BY_TUNNELS = names(TUNNELS) | {
+    "ignore_hosts", "allow_hosts", "proxyauth", "upstream_auth", "ntlm_multiuser",
+    "ntlm_roaming", "mode", "http_connect_send_host_header"}
 
 
 def declare(loader: Loader, section: Iterable[Option]) -> None:

@@ -19,10 +19,20 @@ from .pool.lending import Openings
 if TYPE_CHECKING:
     from mitmproxy import connection
 
+    from .direct_tunnel import DirectTunnels
     from .engine import AuthEngine
     from .parents import ParentList
     from .policy import UpstreamPolicy
     from .pool import ParentPool
+
+@dataclass
+class TunnelCounts:
+    """CONNECT tunnels the addon relayed itself (`direct_tunnel`), for ntlm.status."""
+
+    opened: int = 0
+    failed: int = 0
+    open_now: int = 0
+
 
 OriginEngineFactory = Callable[[Any], "AuthEngine | None"]
 """Given a mitmproxy context: the engine that logs on to that intranet server, or None."""
@@ -43,6 +53,9 @@ class Runtime:
     origin_engines: OriginEngineFactory | None = None
     # Listeners shared with other processes by SO_REUSEPORT (SharedPort, ntlm_shared_port).
     shared_port: bool = False
+    # CONNECTs to ignore_hosts relayed outside mitmproxy's layers (DirectTunnelSwitch); None: off.
+    direct: DirectTunnels | None = None
+    direct_counts: TunnelCounts = field(default_factory=TunnelCounts)
     # Parent connections being opened through the pool (see pool.lending).
     openings: Openings = field(default_factory=Openings)
     # Server connections whose tunnel failed after the CONNECT was answered: the status and

@@ -31,6 +31,7 @@ from mitmproxy_ntlm import options
 from mitmproxy_ntlm.access import ClientAccess
 from mitmproxy_ntlm.addon import NtlmUpstreamAuth
 from mitmproxy_ntlm.contentview import TokenViewAddon
+from mitmproxy_ntlm.direct_tunnel import DirectTunnelSwitch
 from mitmproxy_ntlm.log_level import LogLevel
 from mitmproxy_ntlm.memory import MemoryTrim
 from mitmproxy_ntlm.origin import OriginAuth
@@ -141,5 +142,5 @@ def new_group() -> AddonGroup:
     # One runtime for the parts whose state the connection layers read (see runtime.py).
     runtime = Runtime()
     return AddonGroup(ClientAccess(), ParentRouter(runtime), NtlmUpstreamAuth(runtime),
-                      OriginAuth(runtime), SharedPort(runtime), OsTrustStore(), TokenViewAddon(),
-                      MemoryTrim(), LogLevel())
+                      OriginAuth(runtime), SharedPort(runtime), DirectTunnelSwitch(runtime),
+                      OsTrustStore(), TokenViewAddon(), MemoryTrim(), LogLevel())

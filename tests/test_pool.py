@@ -364,22 +364,46 @@ def test_a_client_that_gives_up_leaves_the_logon_behind(mitm, parent, origin):
 
 
 def test_busy_connections_are_waited_for_briefly_before_logging_on(mitm, parent, origin):
-    # 8 clients at once, one new client connection per request: with ntlm_pool_grace the
-    # requests take turns on the connection being opened instead of each logging on.
+    # A new client connection that finds its user's only connection busy waits for it
+    # (ntlm_pool_grace) instead of logging on again.
     m = mitm(parent.url, {**CREDS, "ntlm_pool_grace": 2000}, env=ENV)
-    errors: list[str] = []
-
-    def client(n: int) -> None:
-        for i in range(4):
-            r = curl("-x", m.url, f"{origin.url}/hello?{n}-{i}", timeout=30)
-            if r.stdout != "hello":
-                errors.append(f"{n}-{i}: {r.stdout[:100]!r} {r.stderr[:200]}")
-
-    run_concurrently([functools.partial(client, n) for n in range(8)])
-    assert errors == []
+    assert get(m, f"{origin.url}/hello") == "hello"
+    slow = threading.Thread(target=get, args=(m, f"{origin.url}/slow/600"))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "/slow/600" not in [r.path for r in origin.requests]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert get(m, f"{origin.url}/hello?next") == "hello"
+    finally:
+        slow.join(10)
     stats = parent.snapshot()
-    assert len(stats.requests) == 32
     assert stats.type3_count == 1 and stats.connections == 1
+
+
+def test_the_pool_grows_when_requests_queue_up(mitm, parent, origin):
+    # A request waits briefly only when no other request of the user waits already: with one
+    # waiting, the next logs on, so the pool grows with the demand instead of making every
+    # request take its turn (each wait costs CPU and latency).
+    m = mitm(parent.url, {**CREDS, "ntlm_pool_grace": 3000}, env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    slow = threading.Thread(target=get, args=(m, f"{origin.url}/slow/2000"))
+    waiting = threading.Thread(target=get, args=(m, f"{origin.url}/hello?waits"))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "/slow/2000" not in [r.path for r in origin.requests]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        waiting.start()
+        time.sleep(0.3)  # it waits for the busy connection
+        assert get(m, f"{origin.url}/hello?grows") == "hello"
+        assert slow.is_alive()  # served on a new connection, not after the slow one
+    finally:
+        slow.join(10)
+        waiting.join(10)
+    assert parent.snapshot().type3_count == 2
 
 
 def test_a_kept_alive_client_waits_for_a_busy_connection_on_its_own(mitm, parent, origin):

@@ -181,8 +181,11 @@ class ParentPool:
 
     def worth_waiting(self, key: PoolKey) -> bool:
         """No idle connection of `key`, but one is busy (or connecting): with `grace`, wait
-        that long for it before opening another (callers `take` and check `full` first)."""
-        return self.grace > 0 and self.shares(key) and self.live(key) > 0
+        that long for it before opening another (callers `take` and check `full` first).
+        Not when another request of `key` already waits: demand is above the connections
+        open, so the pool grows instead of making every request wait its turn."""
+        return (self.grace > 0 and self.shares(key) and not self._waiters.get(key)
+                and self.live(key) > 0)
 
     # ------------------------------------------------------------ misbehaving parents
 

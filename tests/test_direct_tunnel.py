@@ -101,8 +101,9 @@ def test_the_addon_relays_only_what_nobody_would_miss_in_mitmproxy() -> None:
 # --------------------------------------------------------------------------- real tunnels
 
 
-def test_a_passed_through_tunnel_is_relayed_by_the_addon(mitm, parent, tls_origin):
-    m = mitm(parent.url, CREDS, *PASS, env=ENV)
+def test_a_passed_through_tunnel_is_relayed_by_the_addon(mitm, parent, tls_origin, tmp_path):
+    report = tmp_path / "report.txt"
+    m = mitm(parent.url, {**CREDS, "ntlm_report_file": str(report)}, *PASS, env=ENV)
     r = curl("--cacert", str(tls_origin.cert_path), "-x", m.url, "-o", "/dev/null",
              "-w", "%{http_code} %{size_download}", f"{tls_origin.url}/bytes/3000000")
     assert r.stdout == "200 3000000", r.stderr
@@ -111,7 +112,11 @@ def test_a_passed_through_tunnel_is_relayed_by_the_addon(mitm, parent, tls_origi
     assert (stats.type1_count, stats.type3_count, stats.accepted_count) == (1, 1, 1)
     target = authority(tls_origin.url)
     assert [(q.method, q.target) for q in stats.requests] == [("CONNECT", target)]
+    m.stop()
+    assert "direct tunnels (ignore_hosts, outside mitmproxy's layers): 1 opened, 0 open now, " \
+           "0 failed" in report.read_text()
     assert TEST_PASSWORD not in m.output
+    assert "Traceback" not in m.output and "ERROR" not in m.output
 
 
 def test_switched_off_mitmproxy_carries_the_tunnel(mitm, parent, tls_origin):
@@ -223,3 +228,26 @@ def test_mitmweb_shows_the_tunnels_as_mitmproxy_does(tmp_path, parent, tls_origi
         assert r.stdout == "hello", r.stderr
         status = MitmwebApi(m, web_port).command("ntlm.status")
         assert "direct tunnels: off" in status, status
+
+
+def test_a_tunnel_rides_an_idle_authenticated_connection(mitm, parent, origin, tls_origin):
+    m = mitm(parent.url, CREDS, *PASS, env=ENV)
+    assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"  # pooled afterwards
+    r = curl("--cacert", str(tls_origin.cert_path), "-x", m.url, f"{tls_origin.url}/hello")
+    assert r.stdout == "hello", r.stderr
+    assert m.wait_for(RELAYED)
+    stats = parent.snapshot()
+    assert (stats.type3_count, stats.connections) == (1, 1)  # one logon for both
+    assert [q.method for q in stats.requests] == ["GET", "CONNECT"]
+
+
+def test_a_pooled_connection_the_parent_dropped_is_replaced(mitm, make_parent, origin,
+                                                           tls_origin):
+    racy = make_parent(fault="drop_reused")
+    m = mitm(racy.url, CREDS, *PASS, env=ENV)
+    assert curl("-x", m.url, f"{origin.url}/hello").stdout == "hello"
+    r = curl("--cacert", str(tls_origin.cert_path), "-x", m.url, f"{tls_origin.url}/hello")
+    assert r.stdout == "hello", r.stderr
+    assert m.wait_for(RELAYED)
+    stats = racy.snapshot()
+    assert stats.type1_count == 2 and [q.method for q in stats.requests] == ["GET", "CONNECT"]

@@ -33,6 +33,8 @@ from mitmproxy.utils import human
 from . import engine as eng
 from . import mitmproxy_internals, options
 from .layers.origin_auth import run_step
+from .policy import AuthUnavailable
+from .pool import PooledConnection, PoolKey
 from .runtime import Runtime
 from .untrusted import shown
 
@@ -139,11 +141,13 @@ async def _closed(handler: Any, client: connection.Client, writer: Any) -> None:
     transport is closed and forgotten."""
     client.state = connection.ConnectionState.CLOSED
     try:
-        writer.close()
-    except OSError:  # pragma: no cover - already gone
-        pass
-    handler.transports.pop(client, None)
-    await handler.server_event(events.ConnectionClosed(client))
+        await handler.server_event(events.ConnectionClosed(client))
+    finally:
+        try:
+            writer.close()
+        except OSError:  # pragma: no cover - already gone
+            pass
+        handler.transports.pop(client, None)
 
 
 class Relay:
@@ -201,14 +205,20 @@ class Relay:
     # ------------------------------------------------------------------ logon
 
     async def open(self) -> bytes:
-        """Connect and authenticate the tunnel; the parent's first tunnel bytes, if any."""
+        """Connect and authenticate the tunnel; the parent's first tunnel bytes, if any. An
+        idle authenticated connection from the pool needs no logon (NTLM authenticates the
+        connection, so the parent takes a CONNECT on it; it never returns to the pool)."""
         policy = self.rt.policy
         assert policy is not None
-        await self._connect()
+        pooled = self._pooled_connection()
+        if pooled is None:
+            await self._connect()
         client = self.handler.client
         engine = eng.AuthEngine(  # target_host: the parent's (Kerberos asks for HTTP/<parent>)
             policy, human.format_address(self.parent), human.format_address(client.peername),
             target_host=self.parent[0], client_id=client.id, trace_key=client.id)
+        if pooled is not None:
+            engine.adopt(pooled.key.creds, pooled.authenticated_at, pooled.uses, connect=True)
         self.engine = engine
         self.timers: list[tuple[float, int]] = []
         actions = run_step(engine, engine.start_connect, self._connect_head())
@@ -217,6 +227,21 @@ class Relay:
             if done is not None:
                 return done
             actions = await self._next_actions()
+
+    def _pooled_connection(self) -> PooledConnection | None:
+        pool, policy = self.rt.pool, self.rt.policy
+        if pool is None or policy is None:
+            return None
+        try:
+            creds = policy.credentials(self.handler.client.id)
+        except AuthUnavailable:
+            return None  # the engine says why
+        key = PoolKey("http", self.parent, creds)
+        entry = pool.take(key)
+        if entry is not None:
+            pool.untrack(key, entry.writer)  # it carries a tunnel now: no longer shared
+            self.parent_reader, self.parent_writer = entry.reader, entry.writer
+        return entry
 
     def _connect_head(self) -> bytes:
         """The CONNECT that mitmproxy's own parent layer would send."""
@@ -308,6 +333,8 @@ class Relay:
             data = b""
         if data:
             return run_step(engine, engine.from_parent, data)
+        if engine.lost_before_answer():  # the parent had dropped the pooled connection
+            return run_step(engine, engine.pooled_connection_lost, None)
         actions = run_step(engine, engine.parent_closed)
         if not any(isinstance(a, eng.Failed) for a in actions):
             actions.append(eng.Failed(f"The parent proxy {engine.parent} closed the connection "

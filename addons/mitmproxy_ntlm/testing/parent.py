@@ -85,6 +85,7 @@ _MAX_LINE = 64 * 1024
 _MAX_HEAD = 256 * 1024
 _IO_CHUNK = 64 * 1024
 _CONNECT_TIMEOUT = 10.0
+_HALF_CLOSED_TIMEOUT = 30.0  # a tunnel closed one way waits this long for the other
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -914,7 +915,9 @@ class ParentProxy:
                 asyncio.ensure_future(_pump(up_reader, writer)),
             ]
             try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                if all(p.result() for p in done):  # a half close: the other way may go on
+                    await asyncio.wait(pumps, timeout=_HALF_CLOSED_TIMEOUT)
             finally:
                 for p in pumps:
                     p.cancel()
@@ -1034,12 +1037,18 @@ class ParentProxy:
         return keep
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy bytes one way until EOF or error (one half of a CONNECT tunnel)."""
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> bool:
+    """Copy bytes one way (one half of a CONNECT tunnel); True when it ended with an EOF,
+    which is passed on as a half close."""
+    try:
         while data := await src.read(_IO_CHUNK):
             dst.write(data)
             await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+        return True
+    except (OSError, asyncio.IncompleteReadError):
+        return False
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:

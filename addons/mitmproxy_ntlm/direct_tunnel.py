@@ -175,10 +175,8 @@ class Relay:
         counts = self.counts
         try:
             leftover = await self.open()
-        except Refused as e:
+        except Refused as e:  # the engine (or `_connect`) has logged why
             counts.failed += 1
-            log.warning("[ntlm] CONNECT %s from %s: %s", shown(target),
-                        human.format_address(client.peername), e)
             await self._answer_failure(e)
             self._close_parent()
             return
@@ -278,7 +276,9 @@ class Relay:
                 parents.succeeded(spec)
             return
         which = "the parent proxy" if len(candidates) == 1 else "any parent proxy"
-        raise Refused(f"Cannot reach {which} ({'; '.join(tried)})")
+        text = f"Cannot reach {which} ({'; '.join(tried)})"
+        log.warning("[ntlm] %s", text)
+        raise Refused(text)
 
     async def _carry_out(self, actions: list[eng.Action]) -> bytes | None:
         """Do what the engine asks; the tunnel's first bytes once it is established."""

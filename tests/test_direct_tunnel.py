@@ -112,9 +112,11 @@ def test_a_passed_through_tunnel_is_relayed_by_the_addon(mitm, parent, tls_origi
     assert (stats.type1_count, stats.type3_count, stats.accepted_count) == (1, 1, 1)
     target = authority(tls_origin.url)
     assert [(q.method, q.target) for q in stats.requests] == [("CONNECT", target)]
+    assert m.wait_for("client disconnect")  # the tunnel has ended (both ways closed)
     m.stop()
-    assert "direct tunnels (ignore_hosts, outside mitmproxy's layers): 1 opened, 0 open now, " \
-           "0 failed" in report.read_text()
+    counted = [line for line in report.read_text().splitlines() if "direct tunnels" in line]
+    assert counted == ["direct tunnels (ignore_hosts, outside mitmproxy's layers): 1 opened, "
+                       "0 open now, 0 failed"], counted
     assert TEST_PASSWORD not in m.output
     assert "Traceback" not in m.output and "ERROR" not in m.output
 

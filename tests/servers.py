@@ -384,6 +384,13 @@ class Origin(_ThreadedServer[OriginRequest]):
 
     handler = _OriginHandler
 
+    def wait_for_request(self, path: str, timeout: float = 5.0) -> bool:
+        """True once a request for `path` has arrived (a test can then act while it runs)."""
+        deadline = time.monotonic() + timeout
+        while path not in [r.path for r in self.requests] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return path in [r.path for r in self.requests]
+
     def __init__(self, tls: bool = False) -> None:
         super().__init__()
         self.tls = tls

@@ -371,10 +371,7 @@ def test_busy_connections_are_waited_for_briefly_before_logging_on(mitm, parent,
     slow = threading.Thread(target=get, args=(m, f"{origin.url}/slow/600"))
     slow.start()
     try:
-        deadline = time.monotonic() + 5
-        while "/slow/600" not in [r.path for r in origin.requests]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        assert origin.wait_for_request("/slow/600")
         assert get(m, f"{origin.url}/hello?next") == "hello"
     finally:
         slow.join(10)
@@ -392,10 +389,7 @@ def test_the_pool_grows_when_requests_queue_up(mitm, parent, origin):
     waiting = threading.Thread(target=get, args=(m, f"{origin.url}/hello?waits"))
     slow.start()
     try:
-        deadline = time.monotonic() + 5
-        while "/slow/2000" not in [r.path for r in origin.requests]:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        assert origin.wait_for_request("/slow/2000")
         waiting.start()
         time.sleep(0.3)  # it waits for the busy connection
         assert get(m, f"{origin.url}/hello?grows") == "hello"

@@ -33,6 +33,7 @@ from mitmproxy.utils import human
 from . import engine as eng
 from . import mitmproxy_internals, options
 from .layers.origin_auth import run_step
+from .parents import unreachable
 from .policy import AuthUnavailable
 from .pool import PooledConnection, PoolKey
 from .runtime import Runtime
@@ -254,9 +255,7 @@ class Relay:
         policy = self.rt.policy
         parents = self.rt.parents
         first = ("http", self.parent)
-        candidates = [first]
-        if parents is not None:
-            candidates += [s for s in parents.ordered() if s != first and s[0] == "http"]
+        candidates = parents.failover(first) if parents is not None else [first]
         tried = []
         timeout = policy.handshake_timeout if policy is not None else 30.0
         for number, spec in enumerate(candidates):
@@ -275,8 +274,7 @@ class Relay:
             if parents is not None:
                 parents.succeeded(spec)
             return
-        which = "the parent proxy" if len(candidates) == 1 else "any parent proxy"
-        text = f"Cannot reach {which} ({'; '.join(tried)})"
+        text = unreachable(len(candidates), tried)
         log.warning("[ntlm] %s", text)
         raise Refused(text)
 

@@ -59,6 +59,13 @@ class ParentList:
         specs = ([first] if first else []) + [s for s in self.specs if s != first]
         return [s for s in specs if self.alive(s)] + [s for s in specs if not self.alive(s)]
 
+    def failover(self, first: ServerSpec) -> list[ServerSpec]:
+        """The parents a connection tries: `first`, then, for an http one, the other http
+        parents in failover order (a TLS layer above an https parent is bound to it)."""
+        if first[0] != "http":
+            return [first]
+        return [first] + [s for s in self.ordered() if s != first and s[0] == "http"]
+
     def all_dead(self) -> bool:
         return bool(self.specs) and not any(self.alive(s) for s in self.specs)
 
@@ -90,6 +97,12 @@ class ParentList:
             self.specs.remove(spec)
             self._dead_until.pop(spec, None)
         self._learned.clear()
+
+
+def unreachable(candidates: int, tried: list[str]) -> str:
+    """The error when none of `candidates` parents answered; `tried` says what each did."""
+    which = "the parent proxy" if candidates == 1 else "any parent proxy"
+    return f"Cannot reach {which} ({'; '.join(tried)})"
 
 
 class NoProxy:

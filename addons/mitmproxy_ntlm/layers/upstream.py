@@ -22,6 +22,7 @@ from mitmproxy.utils import human
 
 from .. import engine as eng
 from .. import mitmproxy_internals as internals
+from ..parents import unreachable
 from ..policy import AuthUnavailable
 from ..pool import PooledConnection, PoolKey
 from ..pool.lending import ParentLender, ParentStreams
@@ -388,10 +389,8 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
         via = self.context.server.via
         scheme = via[0] if via else "http"
         tried: list[str] = []
-        candidates = [(scheme, self.tunnel_connection.address)]
-        if parents is not None and scheme == "http":
-            # A TLS layer above us is bound to the first parent: failover only for http ones.
-            candidates += [s for s in parents.ordered() if s != candidates[0] and s[0] == "http"]
+        first = (scheme, self.tunnel_connection.address)
+        candidates = parents.failover(first) if parents is not None else [first]
         for number, spec in enumerate(candidates):
             if number:
                 log.info("[ntlm] trying the next parent %s", human.format_address(spec[1]))
@@ -414,8 +413,7 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
                 self._direct = True
                 return None
             tried.append(f"direct: {err}")
-        which = "the parent proxy" if len(candidates) == 1 else "any parent proxy"
-        return f"Cannot reach {which} ({'; '.join(tried)})"
+        return unreachable(len(candidates), tried)
 
     # plain http: every byte of the child's requests and the parent's responses passes here
 

@@ -13,10 +13,8 @@ import os
 from collections.abc import Iterator
 from enum import StrEnum
 
-import spnego
-import spnego.exceptions
-
 from .credentials import Credentials
+from .spnego_internals import spnego
 
 
 class Dialect(StrEnum):

@@ -22,20 +22,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import spnego
-import spnego.exceptions
-
 from .credentials import Credentials
+from .spnego_internals import kerberos_installed, load_kerberos, spnego
 
 log = logging.getLogger("mitmproxy_ntlm")
 
-try:  # the optional extra
-    import gssapi
-    import gssapi.raw
-    import krb5
-except ImportError:  # pragma: no cover - exercised when the extra is missing
-    gssapi = None
-    krb5 = None
+# The optional extra, loaded by `_load` when Kerberos is first used (NTLM never needs it).
+gssapi: Any = None
+krb5: Any = None
 
 RENEW_BEFORE = 300.0
 """Renew a ticket we own when less than this many seconds of it remain (as k5start does)."""
@@ -60,7 +54,34 @@ class KerberosRejected(KerberosUnavailable):
 
 
 def available() -> bool:
-    return gssapi is not None and krb5 is not None
+    """Whether the extra is installed (it is loaded when first used)."""
+    return gssapi is not None or kerberos_installed()
+
+
+_NOT_INSTALLED = "the Kerberos extra is not installed (pip install 'mitmproxy-ntlm[kerberos]')"
+
+
+def _load() -> None:
+    """Loads the extra, for pyspnego too; KerberosUnavailable when it is not installed."""
+    global gssapi, krb5
+    if gssapi is None:
+        if not load_kerberos():
+            raise KerberosUnavailable(_NOT_INSTALLED)
+        import gssapi as gssapi_module
+        import krb5 as krb5_module
+        gssapi, krb5 = gssapi_module, krb5_module
+
+
+def _load_krb5() -> bool:
+    """krb5 alone, enough to name the default ticket cache (half the extra's memory)."""
+    global krb5
+    if krb5 is None:
+        try:
+            import krb5 as krb5_module
+        except ImportError:
+            return False
+        krb5 = krb5_module
+    return True
 
 
 def _when(epoch: float) -> str:
@@ -119,8 +140,7 @@ class KerberosTickets:
     def ticket(self, creds: Credentials | None, multiuser: bool) -> Ticket:
         """A valid TGT for `creds`, or KerberosUnavailable saying why there is none."""
         if not available():
-            raise KerberosUnavailable("the Kerberos extra is not installed (pip install "
-                                      "'mitmproxy-ntlm[kerberos]')")
+            raise KerberosUnavailable(_NOT_INSTALLED)
         s = self.settings
         reasons: list[str] = []
         if not multiuser and s.keytab:
@@ -156,7 +176,8 @@ class KerberosTickets:
     def _cache_ticket_unless_unchanged(self, creds: Credentials | None) -> Ticket:
         """`_cache_ticket`, whose answer for a file cache is kept until the file changes
         (kinit, kdestroy) or the ticket nears its end: asking GSSAPI costs about 5% of the
-        CPU of a passed-through tunnel, asked for every logon in `ntlm_scheme` auto."""
+        CPU of a passed-through tunnel, asked for every logon in `ntlm_scheme` auto. A file
+        cache that does not exist holds no ticket: said without loading GSSAPI."""
         name = self.settings.ccache or os.environ.get("KRB5CCNAME", "")
         path = _ccache_file(name)
         if path is None:
@@ -165,7 +186,9 @@ class KerberosTickets:
             st = os.stat(path)
             state: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            state = None
+            raise KerberosUnavailable(f"no ticket in {name or 'the default ticket cache'} "
+                                      f"({path} does not exist); run kinit or set "
+                                      f"ntlm_kerberos_keytab") from None
         key = (name, creds.user if creds is not None else "", state)
         look = self._cache_look
         if look is not None and look[0] == key:
@@ -184,6 +207,7 @@ class KerberosTickets:
 
     def _cache_ticket(self, creds: Credentials | None) -> Ticket:
         """The TGT in the user's ticket cache, if valid and for the configured user."""
+        _load()
         name = self.settings.ccache or os.environ.get("KRB5CCNAME", "")
         store = {b"ccache": name.encode()} if name else {}
         shown = name or "the default ticket cache"
@@ -245,6 +269,7 @@ class KerberosTickets:
                         hashlib.sha256).digest()
 
     def _kinit(self, principal: str, *, keytab: str, password: str | None) -> Ticket:
+        _load()
         ctx = krb5.init_context()
         source = f"keytab {keytab}" if keytab else "password"
         try:
@@ -328,6 +353,7 @@ class KerberosHandshake:
         self.ticket = ticket
         self.spn = f"{service}/{host}"
         self._token: bytes | None = None
+        _load()
         try:
             self._ctx = spnego.client(spnego.KerberosCCache(ccache=ticket.ccache),
                                       hostname=host, service=service, protocol="negotiate")
@@ -399,7 +425,7 @@ def _default_is_uid_file() -> bool:
     otherwise); asked once per process."""
     global _DEFAULT_FILE
     if _DEFAULT_FILE is None:
-        _DEFAULT_FILE = krb5 is not None and \
+        _DEFAULT_FILE = _load_krb5() and \
             _default_ccache_name() == f"FILE:/tmp/krb5cc_{os.getuid()}"
     return _DEFAULT_FILE
 

@@ -40,9 +40,9 @@ from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-import spnego
 from mitmproxy.http import Request, Response
 
+from ..spnego_internals import spnego
 from . import http1
 
 logger = logging.getLogger(__name__)

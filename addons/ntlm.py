@@ -7,6 +7,7 @@ For a checkout (mitmproxy puts this folder on sys.path while loading the script)
 package ships the same script: `mitmdump -s "$(mitm-ntlm script)"`.
 """
 
-from mitmproxy_ntlm.script import new_group
+from mitmproxy_ntlm.script import new_group, unset_hooks
 
 addons = [new_group()]
+globals().update(unset_hooks())  # mitmproxy asks this module for every hook first

@@ -115,6 +115,40 @@ def test_options_change_reenables_credentials_and_done_restores_mitmproxy() -> N
     assert _upstream_proxy.HttpUpstreamProxy is original
 
 
+def test_server_tls_first_joins_mitmproxys_chain_only_under_lazy() -> None:
+    """Every addon in mitmproxy's chain costs it on every event: `ServerTlsFirst` is there
+    only where TlsConfig leaves server TLS for later (connection_strategy lazy)."""
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    from mitmproxy_ntlm.layers.connect_answer import ServerTlsFirst
+
+    addon = NtlmUpstreamAuth()
+    with taddons.context(Proxyserver(), addon) as tctx:
+        tctx.configure(addon, ntlm_username="alice", ntlm_domain="CORP", ntlm_password="x")
+        assert tctx.master.options.connection_strategy == "eager"
+        assert tctx.master.addons.get(ServerTlsFirst.name) is None
+        tctx.configure(addon, connection_strategy="lazy")
+        assert isinstance(tctx.master.addons.get(ServerTlsFirst.name), ServerTlsFirst)
+        tctx.configure(addon, connection_strategy="eager")
+        assert tctx.master.addons.get(ServerTlsFirst.name) is None
+        addon.done()
+
+
+@pytest.mark.parametrize("script", ["addons/ntlm.py", "addons/mitmproxy_ntlm/scripts/ntlm.py"])
+def test_the_script_module_names_every_hook(script: str) -> None:
+    """mitmproxy asks the module for each event's hook first: a missing name costs an
+    AttributeError per event; None makes mitmproxy skip it as cheaply."""
+    import runpy
+
+    from mitmproxy import hooks
+
+    namespace = runpy.run_path(str(ROOT / script))
+    names = set(hooks.all_hooks) - {"add_log"}  # its mere presence makes mitmproxy warn
+    assert {name: namespace.get(name, "missing") for name in names} == dict.fromkeys(names)
+    assert "add_log" not in namespace
+    assert len(namespace["addons"]) == 1
+
+
 def test_decode_command_describes_without_secrets() -> None:
     import spnego
 

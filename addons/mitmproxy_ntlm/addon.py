@@ -93,6 +93,8 @@ class NtlmUpstreamAuth:
             updated = updated - applied
         if updated & options.READ_BY_POOL and not updated & options.READ_BY_POLICY:
             self._configure_pool()
+        elif "connection_strategy" in updated:
+            mitmproxy_internals.sync(self.runtime)  # connect_answer.ServerTlsFirst: lazy only
         if not updated & options.READ_BY_POLICY and self.policy is not None:
             return
         opts = ctx.options

@@ -168,7 +168,7 @@ class ServerTlsFirst:
     is set up first too, as eager does. (With lazy, mitmproxy's HTTP layer would send into a
     server TLS layer that never started.) mitmproxy's TlsConfig decides this from
     connection_strategy after all scripts: this addon is added after it, by
-    `mitmproxy_internals.sync`."""
+    `mitmproxy_internals.sync`, when connection_strategy is lazy."""
 
     name = "ntlm_server_tls_first"
 

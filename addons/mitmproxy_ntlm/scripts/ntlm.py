@@ -7,6 +7,7 @@
 puts a script's folder on sys.path while loading it.
 """
 
-from mitmproxy_ntlm.script import new_group
+from mitmproxy_ntlm.script import new_group, unset_hooks
 
 addons = [new_group()]
+globals().update(unset_hooks())  # mitmproxy asks this module for every hook first

@@ -135,7 +135,9 @@ class BoundedMap(Generic[K, V]):
         return len(self._data)
 
     def __bool__(self) -> bool:
-        return len(self) > 0
+        # Asked on every request ("anyone rejected or blocked?"), empty nearly always: no
+        # clock, no trim then.
+        return bool(self._data) and len(self) > 0
 
     def __iter__(self) -> Iterator[K]:
         return iter(list(self.keys()))

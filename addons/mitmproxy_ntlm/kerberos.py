@@ -186,9 +186,7 @@ class KerberosTickets:
             st = os.stat(path)
             state: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            raise KerberosUnavailable(f"no ticket in {name or 'the default ticket cache'} "
-                                      f"({path} does not exist); run kinit or set "
-                                      f"ntlm_kerberos_keytab") from None
+            raise _no_ticket(name, f"{path} does not exist") from None
         key = (name, creds.user if creds is not None else "", state)
         look = self._cache_look
         if look is not None and look[0] == key:
@@ -217,8 +215,7 @@ class KerberosTickets:
         except gssapi.exceptions.ExpiredCredentialsError:
             raise KerberosUnavailable(f"the ticket in {shown} has expired; run kinit") from None
         except gssapi.exceptions.GSSError as e:
-            raise KerberosUnavailable(f"no ticket in {shown} ({_gss_reason(e)}); run kinit "
-                                      f"or set ntlm_kerberos_keytab") from None
+            raise _no_ticket(name, _gss_reason(e)) from None
         principal = str(gssapi.Name(info.name))
         lifetime = info.lifetime or 0
         if lifetime <= 0:
@@ -381,6 +378,12 @@ class KerberosHandshake:
         except Exception:
             return False
         return True
+
+
+def _no_ticket(ccache: str, why: str) -> KerberosUnavailable:
+    """The ticket cache `ccache` ("": the default one) holds no ticket, for reason `why`."""
+    return KerberosUnavailable(f"no ticket in {ccache or 'the default ticket cache'} ({why}); "
+                               f"run kinit or set ntlm_kerberos_keytab")
 
 
 def _gss_reason(e: Exception) -> str:

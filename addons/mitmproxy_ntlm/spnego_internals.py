@@ -12,6 +12,7 @@ Kerberos packages, which `load_kerberos` adds to `spnego._gss` when Kerberos is 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from importlib.abc import MetaPathFinder
@@ -62,8 +63,11 @@ def _import_spnego_without_kerberos() -> None:
         sys.meta_path.remove(finder)
 
 
+@functools.cache
 def kerberos_installed() -> bool:
-    """Whether the `kerberos` extra is installed, without loading it."""
+    """Whether the `kerberos` extra is installed, without loading it. Asked once per process
+    (the search of sys.path takes about 85 us, and `ntlm_scheme` auto asks at every logon
+    with a parent that offers Negotiate), as the import at start-up used to decide it."""
     return all(importlib.util.find_spec(name) is not None for name in KERBEROS_PACKAGES)
 
 

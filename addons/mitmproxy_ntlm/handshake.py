@@ -1,8 +1,9 @@
 """One client side of an NTLM exchange (Type 1 -> Type 2 -> Type 3), done by pyspnego.
 
-pyspnego picks the dialect from the `LM_COMPAT_LEVEL` environment variable and the workstation
-name from `NETBIOS_COMPUTER_NAME`, read while a context is built and stepped. mitmproxy runs
-addons and layers on one event loop thread, so setting them around each call is safe.
+pyspnego picks the dialect from the `LM_COMPAT_LEVEL` environment variable, read when a context
+is built, and the workstation name from `NETBIOS_COMPUTER_NAME`, read when the Type 3 is made.
+mitmproxy runs addons and layers on one event loop thread, so setting each around the call that
+reads it is safe (tests/test_handshake.py checks both land in the Type 3).
 """
 
 from __future__ import annotations
@@ -48,18 +49,17 @@ def quiet_spnego_logs() -> None:
 
 
 @contextlib.contextmanager
-def _spnego_environment(dialect: Dialect, workstation: str) -> Iterator[None]:
-    wanted = {"LM_COMPAT_LEVEL": str(dialect.lm_compat_level), "NETBIOS_COMPUTER_NAME": workstation}
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` for one pyspnego call, then as it was."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
 
 
 class NtlmHandshake:
@@ -79,7 +79,7 @@ class NtlmHandshake:
         self.creds = creds
         self.dialect = dialect
         self.scheme = scheme
-        with _spnego_environment(dialect, creds.workstation):
+        with _environment("LM_COMPAT_LEVEL", str(dialect.lm_compat_level)):
             self._ctx = spnego.client(
                 creds.principal,
                 creds.spnego_secret(),
@@ -90,8 +90,7 @@ class NtlmHandshake:
             )
 
     def negotiate(self) -> bytes:
-        with _spnego_environment(self.dialect, self.creds.workstation):
-            token = self._ctx.step()
+        token = self._ctx.step()
         assert token is not None
         return token
 
@@ -100,7 +99,7 @@ class NtlmHandshake:
         if not challenge.startswith(b"NTLMSSP\x00\x02\x00\x00\x00"):
             raise ChallengeError("the NTLM challenge is not an NTLMSSP Type 2 message")
         try:
-            with _spnego_environment(self.dialect, self.creds.workstation):
+            with _environment("NETBIOS_COMPUTER_NAME", self.creds.workstation):
                 token = self._ctx.step(challenge)
         except (ValueError, KeyError, IndexError, spnego.exceptions.SpnegoError) as e:
             raise ChallengeError(f"the NTLM challenge is malformed ({e})") from None

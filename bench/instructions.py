@@ -15,9 +15,13 @@ off again, and dumps the count. A deterministic Python client sends the requests
 
 - ``keepalive``: 10 kept-alive client connections, small GETs in absolute form;
 - ``newconn``: one new client connection per GET, 10 at a time;
-- ``c200``: 200 concurrent kept-alive clients, 2 GETs each.
+- ``c200``: 200 concurrent kept-alive clients, 2 GETs each;
+- ``connect``: one new client connection per request, 10 at a time: CONNECT, TLS with
+  mitmproxy's certificate, one GET of the https origin (intercepted; a logon per tunnel).
 
-Prints instructions per request for each contender and the ratio addon/stock. Needs valgrind
+Prints instructions per request for each contender and the ratio addon/stock; with
+``--cache-sim``, also simulated cache and branch misses per request and cachegrind's cycle
+estimate from them (what instruction counts leave out, short of the kernel). Needs valgrind
 (Debian package). Instruction counts are not time (cache misses and system calls differ), but a
 ratio above 1.05 or 1.10 means the addon's own work, not the machine, costs that much.
 """
@@ -31,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,9 +47,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/instructions.py` puts bench/, not the checkout, there
     sys.path.insert(0, str(ROOT))
 
-from bench.compare import Config, Running, Stack, _read_head, stack, start_mitmdump  # noqa: E402
+from bench.compare import (  # noqa: E402
+    Config,
+    Running,
+    Stack,
+    _one_request,
+    _read_head,
+    stack,
+    start_mitmdump,
+)
 
-WORKLOADS = ("keepalive", "newconn", "c200")
+WORKLOADS = ("keepalive", "newconn", "c200", "connect")
 CONTENDERS = ("mitmdump", "addon")  # stock first: the baseline
 CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
              "--compress-strings=no", "--compress-pos=no")  # fmt: skip
@@ -76,8 +89,27 @@ async def _client(port: int, url: str, conns: int, per_conn: int, concurrency: i
     return sum(await asyncio.gather(*(one() for _ in range(conns))))
 
 
+async def _tunnels(port: int, url: str, requests: int, concurrency: int) -> int:
+    """``requests`` new client connections, each one GET through an intercepted CONNECT."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> int:
+        async with gate:
+            status = await asyncio.wait_for(_one_request(("127.0.0.1", port), url, ctx), 600)
+        if status != 200:
+            raise RuntimeError(f"expected 200, got {status}")
+        return 1
+
+    return sum(await asyncio.gather(*(one() for _ in range(requests))))
+
+
 def load(workload: str, port: int, url: str, requests: int, connections: int = 10) -> int:
-    """Run one workload of about ``requests`` GETs; returns how many were served."""
+    """Run one workload of about ``requests`` GETs; returns how many were served. ``url`` is
+    the origin's https URL for ``connect``, its plain-http one for the others."""
+    if workload == "connect":
+        return asyncio.run(_tunnels(port, url, requests, 10))
     if workload == "keepalive":
         shape = (connections, max(1, requests // connections), connections)
     elif workload == "newconn":
@@ -92,6 +124,24 @@ def load(workload: str, port: int, url: str, requests: int, connections: int = 1
 def callgrind_control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True,
                    timeout=300)  # fmt: skip
+
+
+def event_totals(dump: Path) -> dict[str, int]:
+    """Every event a dump counted (Ir; with ``--cache-sim``, cache and branch misses too)."""
+    text = dump.read_text(errors="replace")
+    names = re.search(r"^events:\s+(.+)$", text, re.M)
+    totals = re.search(r"^totals:\s+(.+)$", text, re.M)
+    if not names or not totals:
+        raise RuntimeError(f"{dump} has no events or totals line")
+    return dict(zip(names.group(1).split(), map(int, totals.group(1).split()), strict=True))
+
+
+def estimated_cycles(ev: dict[str, int]) -> float:
+    """Cachegrind's rough cycle model: a first-level miss 10 cycles, a last-level miss 100,
+    a mispredicted branch 10, on top of one per instruction."""
+    l1 = ev.get("I1mr", 0) + ev.get("D1mr", 0) + ev.get("D1mw", 0)
+    ll = ev.get("ILmr", 0) + ev.get("DLmr", 0) + ev.get("DLmw", 0)
+    return ev["Ir"] + 10 * l1 + 100 * ll + 10 * (ev.get("Bcm", 0) + ev.get("Bim", 0))
 
 
 def dumped_total(outfile: Path, before: set[Path]) -> tuple[int, Path]:
@@ -115,21 +165,24 @@ class Settings:
     requests: int
     connections: int  # keep-alive client connections
     keep: Path | None  # a directory for the callgrind dumps (``callgrind_annotate``)
+    cache_sim: bool = False  # also simulate caches and branch prediction
+    misses: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
 
 def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
             log: Callable[[str], None]) -> dict[str, float]:
     """Instructions per request of one contender for each workload."""
     outfile = st.workdir / f"callgrind-{name}-{round_}.out"
-    wrap = [*CALLGRIND, f"--callgrind-out-file={outfile}"]
+    sim = ("--cache-sim=yes", "--branch-sim=yes") if run.cache_sim else ()
+    wrap = [*CALLGRIND, *sim, f"--callgrind-out-file={outfile}"]
     running: Running = start_mitmdump(st, cfg, name, addon=name == "addon", passthrough=False,
                                       profile=None, wrap=wrap, start_timeout=600)  # fmt: skip
     assert running.pid is not None
     port = int(running.proxy.rsplit(":", 1)[1])
-    url = st.nginx.url("/small")
     result: dict[str, float] = {}
     try:
         for workload in run.workloads:
+            url = st.nginx.url("/small", tls=workload == "connect")
             # warm-up: imports, logon, pool
             load(workload, port, url, max(20, run.requests // 10), run.connections)
             before = set(outfile.parent.glob(outfile.name + "*"))
@@ -142,6 +195,12 @@ def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
             time.sleep(0.3)  # squid logs a transaction when it ends
             handshakes = st.handshakes() - handshakes
             result[workload] = total / served
+            if run.cache_sim:
+                ev = event_totals(dump)
+                per = {k: v / served for k, v in ev.items()}
+                per["cycles"] = estimated_cycles(ev) / served
+                for k, v in per.items():
+                    run.misses.setdefault(name, {}).setdefault(f"{workload} {k}", []).append(v)
             log(f"round {round_ + 1} {name:<9} {workload:<10} {served} requests, "
                 f"{total / served / 1e6:.3f} M instructions per request, "
                 f"{handshakes} NTLM logons")
@@ -178,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, of mitmdump,addon (default: both)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--keep", type=Path, help="copy the callgrind dumps to this directory")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also count simulated cache and branch misses (slower)")
     args = ap.parse_args(argv)
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -189,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     # does at full speed (a request waits for another's response), and log on again.
     sets = ("ntlm_pool_wait=600", *args.addon_set)
     cfg = Config(addon_sets=sets, size=1 << 20)
-    run = Settings(workloads, args.requests, max(1, args.connections), args.keep)
+    run = Settings(workloads, args.requests, max(1, args.connections), args.keep,
+                   args.cache_sim)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -213,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {w} | {_median_range([v / 1e6 for v in stock], '{:.3f}')} | "
               f"{_median_range([v / 1e6 for v in addon], '{:.3f}')} | "
               f"{_median_range(ratios, '{:.3f}')} |")
+    if run.cache_sim:
+        print("\n| workload, event per request | stock mitmdump | addon | addon / stock |")
+        print("| --- | ---: | ---: | ---: |")
+        keys = run.misses.get("addon") or run.misses.get("mitmdump") or {}
+        for key in keys:
+            stock_v = statistics.median(run.misses.get("mitmdump", {}).get(key, [0]))
+            addon_v = statistics.median(run.misses.get("addon", {}).get(key, [0]))
+            ratio = f"{addon_v / stock_v:.3f}" if stock_v else "-"
+            print(f"| {key} | {stock_v:,.0f} | {addon_v:,.0f} | {ratio} |")
     return 0
 
 

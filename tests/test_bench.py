@@ -9,6 +9,7 @@ addon row counted NTLM handshakes at the parent and got answers, and the three o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,14 +82,15 @@ def test_addon_row_counts_handshakes_and_answers(bench_run: tuple[Path, dict]) -
 
 
 def test_instruction_counts(tmp_path: Path) -> None:
-    """bench/instructions.py counts instructions per request under valgrind for both rows."""
+    """bench/instructions.py counts instructions per request under valgrind for both rows,
+    kept-alive requests and intercepted tunnels, and with --cache-sim the simulated misses."""
     missing = [t for t in (*TOOLS, "valgrind", "callgrind_control") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
     out = tmp_path / "instructions.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "instructions.py"), "--requests", "20",
-         "--only", "keepalive", "--json", str(out)],
+         "--only", "keepalive,connect", "--cache-sim", "--json", str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,4 +99,9 @@ def test_instruction_counts(tmp_path: Path) -> None:
     # figure means the counting window missed the requests.
     for name in ("mitmdump", "addon"):
         assert results[name]["keepalive"][0] > 1e6, results
-    assert "| keepalive |" in proc.stdout
+        assert results[name]["connect"][0] > results[name]["keepalive"][0], results  # + TLS
+    assert "| keepalive |" in proc.stdout and "| connect |" in proc.stdout
+    assert re.search(r"^\| keepalive D1mr \| [\d,]+ \| [\d,]+ \| [\d.]+ \|$", proc.stdout, re.M), \
+        proc.stdout
+    # Every tunnel of the addon was a logon at the parent; stock's parent asks for none.
+    assert re.search(r"addon +connect +20 requests, .* 20 NTLM logons", proc.stderr), proc.stderr

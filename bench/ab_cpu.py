@@ -54,6 +54,7 @@ from compare import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN: int | None = None  # --pin: the core every mitmdump runs on
+OPEN_PARENT = False  # --open-parent: the addon against the parent that asks for no logon
 MODES = ("keepalive", "newconn", "close", "c200", "connect", "connect-ka", "passthrough")
 DEFAULT_MODES = ("keepalive", "newconn", "c200", "connect", "passthrough")
 MODE_HELP = {
@@ -137,7 +138,7 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool,
         env["PYTHONPATH"] = str(tree / "addons")
         env["BENCH_PW"] = compare.PASSWORD
         cmd += ["-s", str(tree / "addons" / "ntlm.py")]
-    parent = st.squid_ntlm.url if tree is not None else st.squid_open.url
+    parent = st.squid_ntlm.url if tree is not None and not OPEN_PARENT else st.squid_open.url
     cmd += ["--listen-host", "127.0.0.1", "-p", str(port), "--mode", f"upstream:{parent}"]
     sets = [f"confdir={confdir}", "termlog_verbosity=warn", "flow_detail=0", "ssl_insecure=true"]
     if tree is not None:
@@ -365,7 +366,13 @@ def parse_args(argv: list[str] | None) -> Config:
                    help="--set for B's mitmdump only (repeatable): A/B of an option")
     p.add_argument("--pin", action="store_true",
                    help="mitmdumps on CPU 0, the load generators and servers on the rest")
+    p.add_argument("--open-parent", action="store_true",
+                   help="A and B use stock's parent, which asks for no logon: the same work "
+                        "at the parent for all three, only the addon's own cost differs")
     a = p.parse_args(argv)
+    if a.open_parent:
+        global OPEN_PARENT
+        OPEN_PARENT = True
     if a.pin:
         global PIN
         PIN = 0

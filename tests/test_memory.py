@@ -43,3 +43,43 @@ def test_the_script_group_runs_the_memory_trim() -> None:
     group = new_group()
     assert any(isinstance(part, memory.MemoryTrim) for part in group.parts)
     assert group.running is not None and group.done is not None
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cycle collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_start_up_objects_are_frozen_while_running_and_thawed_by_a_runtime_change() -> None:
+    """Frozen, a cycle made at start-up is never collected; a runtime option change gives
+    it back to the collector (it may be an object the change replaced)."""
+    import gc
+    import weakref
+
+    from mitmproxy.test import taddons
+
+    part = memory.MemoryTrim()
+    try:
+        with taddons.context(part) as tctx:
+            tctx.configure(part, ssl_insecure=True)  # start-up: nothing frozen yet
+            assert gc.get_freeze_count() == 0
+            leftover = _Cycle()
+            gone = weakref.ref(leftover)
+            part.running()
+            assert gc.get_freeze_count() > 0
+            del leftover
+            gc.collect()
+            assert gone() is not None  # frozen: the collector does not look at it
+            tctx.configure(part, ssl_insecure=False)  # at runtime
+            assert gc.get_freeze_count() == 0
+            gc.collect()
+            assert gone() is None
+            part.running()  # a reloaded script's new part freezes again ...
+            assert gc.get_freeze_count() > 0
+            part.done()  # ... and unloading it thaws
+            assert gc.get_freeze_count() == 0
+    finally:
+        part.done()
+        gc.unfreeze()

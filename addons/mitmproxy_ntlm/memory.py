@@ -8,6 +8,15 @@ next busy period.
 
 The open connections are counted by mitmproxy itself (`Proxyserver.connections`, a public
 attribute), read once a second: no hook, so nothing is added to a connection's cost.
+
+Once mitmproxy runs, the objects start-up made (modules, classes, options, the addons) are
+moved out of the cycle collector's way (`gc.freeze()`): they live as long as the process, yet
+each full collection walked them all, 55-80 ms every few hundred tunnels, and the addon's
+imports make that walk 45% longer than stock mitmproxy's. A frozen object is still freed when
+its last reference goes; only a reference cycle among frozen objects would stay. So an option
+changed at runtime, after which replaced objects may be such cycles, and unloading the script
+give them back to the collector (`gc.unfreeze()`), and nothing is frozen again until the next
+start. See docs/benchmarks.md ("Full collections").
 """
 
 from __future__ import annotations
@@ -78,13 +87,23 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class MemoryTrim:
-    """The addon: watches mitmproxy's open client connections while it runs."""
+    """The addon: freezes the start-up heap, and watches mitmproxy's open client connections
+    while it runs."""
 
     def __init__(self) -> None:
         self.periods = QuietPeriods()
         self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._frozen = False  # this addon froze the start-up heap, and has not thawed it
 
     def running(self) -> None:
+        self._running = True
+        if not self._frozen:
+            gc.collect()  # start-up's garbage (and a reloaded script's old one) goes first
+            gc.freeze()
+            self._frozen = True
+            log.debug("[ntlm] %d start-up objects frozen (out of the cycle collector's way)",
+                      gc.get_freeze_count())
         server = ctx.master.addons.get("proxyserver")
         if server is None or self._task is not None:  # no proxy server (tests), or a reload
             return
@@ -92,10 +111,22 @@ class MemoryTrim:
         self._task = asyncio.get_running_loop().create_task(
             self._watch(server), name="mitmproxy-ntlm memory trim")
 
+    def configure(self, updated: set[str]) -> None:
+        if self._running and updated:
+            self._thaw("an option changed at runtime")
+
     def done(self) -> None:
+        self._running = False
+        self._thaw("the script is unloaded")
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+    def _thaw(self, why: str) -> None:
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
+            log.debug("[ntlm] start-up objects back in the cycle collector: %s", why)
 
     async def _watch(self, server: Any) -> None:
         connections = getattr(server, "connections", None)  # mitmproxy 10.4 to 12.3: a dict

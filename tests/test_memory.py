@@ -64,11 +64,11 @@ def test_start_up_objects_are_frozen_while_running_and_thawed_by_a_runtime_chang
     try:
         with taddons.context(part) as tctx:
             tctx.configure(part, ssl_insecure=True)  # start-up: nothing frozen yet
-            assert gc.get_freeze_count() == 0
+            frozen_before = gc.get_freeze_count()  # Python 3.12 starts with a few hundred
             leftover = _Cycle()
             gone = weakref.ref(leftover)
             part.running()
-            assert gc.get_freeze_count() > 0
+            assert gc.get_freeze_count() > frozen_before + 1000  # the whole test process
             del leftover
             gc.collect()
             assert gone() is not None  # frozen: the collector does not look at it
@@ -77,7 +77,7 @@ def test_start_up_objects_are_frozen_while_running_and_thawed_by_a_runtime_chang
             gc.collect()
             assert gone() is None
             part.running()  # a reloaded script's new part freezes again ...
-            assert gc.get_freeze_count() > 0
+            assert gc.get_freeze_count() > frozen_before + 1000
             part.done()  # ... and unloading it thaws
             assert gc.get_freeze_count() == 0
     finally:

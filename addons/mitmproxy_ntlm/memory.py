@@ -93,11 +93,9 @@ class MemoryTrim:
     def __init__(self) -> None:
         self.periods = QuietPeriods()
         self._task: asyncio.Task[None] | None = None
-        self._running = False
         self._frozen = False  # this addon froze the start-up heap, and has not thawed it
 
     def running(self) -> None:
-        self._running = True
         if not self._frozen:
             gc.collect()  # start-up's garbage (and a reloaded script's old one) goes first
             gc.freeze()
@@ -112,11 +110,10 @@ class MemoryTrim:
             self._watch(server), name="mitmproxy-ntlm memory trim")
 
     def configure(self, updated: set[str]) -> None:
-        if self._running and updated:
+        if updated:  # before `running` nothing is frozen: start-up's configures change nothing
             self._thaw("an option changed at runtime")
 
     def done(self) -> None:
-        self._running = False
         self._thaw("the script is unloaded")
         if self._task is not None:
             self._task.cancel()

@@ -126,16 +126,6 @@ def callgrind_control(pid: int, *args: str) -> None:
                    timeout=300)  # fmt: skip
 
 
-def event_totals(dump: Path) -> dict[str, int]:
-    """Every event a dump counted (Ir; with ``--cache-sim``, cache and branch misses too)."""
-    text = dump.read_text(errors="replace")
-    names = re.search(r"^events:\s+(.+)$", text, re.M)
-    totals = re.search(r"^totals:\s+(.+)$", text, re.M)
-    if not names or not totals:
-        raise RuntimeError(f"{dump} has no events or totals line")
-    return dict(zip(names.group(1).split(), map(int, totals.group(1).split()), strict=True))
-
-
 def estimated_cycles(ev: dict[str, int]) -> float:
     """Cachegrind's rough cycle model: a first-level miss 10 cycles, a last-level miss 100,
     a mispredicted branch 10, on top of one per instruction."""
@@ -144,15 +134,19 @@ def estimated_cycles(ev: dict[str, int]) -> float:
     return ev["Ir"] + 10 * l1 + 100 * ll + 10 * (ev.get("Bcm", 0) + ev.get("Bim", 0))
 
 
-def dumped_total(outfile: Path, before: set[Path]) -> tuple[int, Path]:
-    """The instruction total of the dump ``callgrind_control -d`` just wrote, and its file."""
+def dumped_events(outfile: Path, before: set[Path]) -> tuple[dict[str, int], Path]:
+    """Every event the dump ``callgrind_control -d`` just wrote counted (Ir; with
+    ``--cache-sim``, cache and branch misses too), and its file."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         new = sorted(set(outfile.parent.glob(outfile.name + "*")) - before)
         for path in new:
             text = path.read_text(errors="replace")
-            if m := re.search(r"^totals:\s+(\d+)", text, re.M):
-                return int(m.group(1)), path
+            names = re.search(r"^events:\s+(.+)$", text, re.M)
+            totals = re.search(r"^totals:\s+(.+)$", text, re.M)
+            if names and totals:
+                counts = map(int, totals.group(1).split())
+                return dict(zip(names.group(1).split(), counts, strict=True)), path
         time.sleep(0.5)
     raise RuntimeError(f"no callgrind dump appeared next to {outfile}")
 
@@ -166,12 +160,12 @@ class Settings:
     connections: int  # keep-alive client connections
     keep: Path | None  # a directory for the callgrind dumps (``callgrind_annotate``)
     cache_sim: bool = False  # also simulate caches and branch prediction
-    misses: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
 
 def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
-            log: Callable[[str], None]) -> dict[str, float]:
-    """Instructions per request of one contender for each workload."""
+            log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Events per request of one contender for each workload: instructions (``Ir``), and
+    with ``--cache-sim`` the misses and cachegrind's estimated ``cycles``."""
     outfile = st.workdir / f"callgrind-{name}-{round_}.out"
     sim = ("--cache-sim=yes", "--branch-sim=yes") if run.cache_sim else ()
     wrap = [*CALLGRIND, *sim, f"--callgrind-out-file={outfile}"]
@@ -179,7 +173,7 @@ def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
                                       profile=None, wrap=wrap, start_timeout=600)  # fmt: skip
     assert running.pid is not None
     port = int(running.proxy.rsplit(":", 1)[1])
-    result: dict[str, float] = {}
+    result: dict[str, dict[str, float]] = {}
     try:
         for workload in run.workloads:
             url = st.nginx.url("/small", tls=workload == "connect")
@@ -191,18 +185,15 @@ def measure(st: Stack, cfg: Config, name: str, run: Settings, round_: int,
             served = load(workload, port, url, run.requests, run.connections)
             callgrind_control(running.pid, "--instr=off")
             callgrind_control(running.pid, "--dump")
-            total, dump = dumped_total(outfile, before)
+            events, dump = dumped_events(outfile, before)
             time.sleep(0.3)  # squid logs a transaction when it ends
             handshakes = st.handshakes() - handshakes
-            result[workload] = total / served
+            per = {k: v / served for k, v in events.items()}
             if run.cache_sim:
-                ev = event_totals(dump)
-                per = {k: v / served for k, v in ev.items()}
-                per["cycles"] = estimated_cycles(ev) / served
-                for k, v in per.items():
-                    run.misses.setdefault(name, {}).setdefault(f"{workload} {k}", []).append(v)
+                per["cycles"] = estimated_cycles(events) / served
+            result[workload] = per
             log(f"round {round_ + 1} {name:<9} {workload:<10} {served} requests, "
-                f"{total / served / 1e6:.3f} M instructions per request, "
+                f"{per['Ir'] / 1e6:.3f} M instructions per request, "
                 f"{handshakes} NTLM logons")
             if run.keep is not None:
                 run.keep.mkdir(parents=True, exist_ok=True)
@@ -258,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["PYTHONHASHSEED"] = "0"  # the same dict layouts in every run
     names = [c for c in CONTENDERS if c in args.contenders.split(",")]
-    results: dict[str, dict[str, list[float]]] = {n: {w: [] for w in workloads} for n in names}
+    # Per contender and workload, one entry per round: all events, and instructions alone.
+    events: dict[str, dict[str, list[dict[str, float]]]] = {
+        n: {w: [] for w in workloads} for n in names}
     with stack(cfg) as st:
         for round_ in range(max(1, args.rounds)):
             for name in names:
-                for w, value in measure(st, cfg, name, run, round_, log).items():
-                    results[name][w].append(value)
+                for w, per_request in measure(st, cfg, name, run, round_, log).items():
+                    events[name][w].append(per_request)
+    results = {n: {w: [e["Ir"] for e in rounds] for w, rounds in by_w.items()}
+               for n, by_w in events.items()}
     if args.json is not None:
         args.json.write_text(json.dumps({"requests": args.requests, "results": results}))
     print("\n| workload | stock mitmdump, M instr/req | addon, M instr/req | addon / stock |")
@@ -278,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     if run.cache_sim:
         print("\n| workload, event per request | stock mitmdump | addon | addon / stock |")
         print("| --- | ---: | ---: | ---: |")
-        keys = run.misses.get("addon") or run.misses.get("mitmdump") or {}
-        for key in keys:
-            stock_v = statistics.median(run.misses.get("mitmdump", {}).get(key, [0]))
-            addon_v = statistics.median(run.misses.get("addon", {}).get(key, [0]))
-            ratio = f"{addon_v / stock_v:.3f}" if stock_v else "-"
-            print(f"| {key} | {stock_v:,.0f} | {addon_v:,.0f} | {ratio} |")
+        for w in workloads:
+            rounds = {n: events.get(n, {}).get(w, []) for n in CONTENDERS}
+            for key in (rounds["addon"] or rounds["mitmdump"] or [{}])[0]:
+                stock_v, addon_v = (statistics.median([e[key] for e in rounds[n]] or [0])
+                                    for n in CONTENDERS)
+                ratio = f"{addon_v / stock_v:.3f}" if stock_v else "-"
+                print(f"| {w} {key} | {stock_v:,.0f} | {addon_v:,.0f} | {ratio} |")
     return 0
 
 

@@ -20,6 +20,13 @@ load several times, under one observer at a time:
   several times, so the loop batches more per turn: read epoll_wait from ``plain``).
 - ``cprofile``: a second pair of mitmdumps under cProfile (times inflated, call counts exact):
   Python calls per request, and the functions the addon calls more often than stock.
+- ``perfpy`` (Python 3.13): ``perf record --call-graph dwarf`` of mitmdumps started with
+  ``PYTHON_PERF_JIT_SUPPORT=1``, so every sample of CPU time, in the kernel or in C, carries
+  the Python frames above it: each sample goes to the package of its innermost Python frame
+  outside the standard library (this addon, pyspnego, cryptography, mitmproxy, asyncio...) or
+  to the cycle collector, as milliseconds per request (share of samples x the plain rounds'
+  CPU per request). Unlike py-spy, perf samples CPU time only, so nothing is over-sampled
+  while a thread waits.
 
 Needs perf, strace and py-spy (``pip install py-spy``); a missing tool's section says so.
 """
@@ -38,7 +45,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import compare
@@ -50,7 +57,8 @@ CONTENDERS = ("stock", "addon")
 EMPTY_SCRIPT = "class NoHooks:\n    pass\n\n\naddons = [NoHooks()]\n"
 """The ``script`` contender: stock mitmdump with a script whose addon has no hooks, which is
 what mitmproxy's walk of the addon chain costs for one script, per event."""
-PHASES = ("plain", "perf", "pyspy", "strace", "cprofile")
+PHASES = ("plain", "perf", "pyspy", "strace", "cprofile", "perfpy")
+DEFAULT_PHASES = PHASES[:5]  # perfpy needs Python 3.13 and starts the mitmdumps differently
 SYSCALLS = ("sendto", "recvfrom", "epoll_wait", "epoll_ctl", "read", "write", "writev",
             "sendmsg", "recvmsg", "getsockopt", "setsockopt", "getpeername", "getsockname",
             "accept4", "connect", "close", "socket", "shutdown", "futex", "ioctl", "fcntl",
@@ -60,6 +68,8 @@ KERNEL_ENTRIES = ("__x64_sys_sendto", "__x64_sys_recvfrom", "__x64_sys_epoll_wai
                   "__x64_sys_connect", "asm_sysvec_apic_timer_interrupt", "schedule")
 SETTLE = 0.5  # seconds of counting after the load: closes and tails belong to the window
 PYSPY_RATE = 400
+PERFPY_RATE = 499  # dwarf stacks copy PERFPY_STACK bytes per sample
+PERFPY_STACK = 32768  # mitmproxy's layers nest deep: less cuts off the outer Python frames
 
 
 @dataclasses.dataclass
@@ -118,6 +128,10 @@ def observer(phase: str, pid: int, seconds: float, out: Path) -> list[str] | Non
                 "-p", str(pid), "--", "sleep", span]  # fmt: skip
     if phase == "perf":
         return ["perf", "record", "-q", "-F", "999", "-g", "-o", str(out), "-p", str(pid),
+                "--", "sleep", span]  # fmt: skip
+    if phase == "perfpy":
+        return ["perf", "record", "-q", "-N", "-F", str(PERFPY_RATE), "--call-graph",
+                f"dwarf,{PERFPY_STACK}", "-k", "1", "-o", str(out), "-p", str(pid),
                 "--", "sleep", span]  # fmt: skip
     if phase == "pyspy":
         spy = Path(sys.executable).parent / "py-spy"
@@ -206,6 +220,90 @@ def perf_report(data: Path) -> dict[str, object]:
         if name in KERNEL_ENTRIES and name not in entries:
             entries[name] = pct
     return {"kernel_pct": kernel, "dsos": dsos[:8], "symbols": syms[:20], "entries": entries}
+
+
+PERFPY_OWNERS = (  # (owner, what a Python frame's file path contains)
+    ("this addon", ("/mitmproxy_ntlm/",)),
+    ("pyspnego (NTLM messages and crypto)", ("/spnego/",)),
+    ("cryptography, pyOpenSSL (TLS, NTLM's hashes)", ("/cryptography/", "/OpenSSL/")),
+    ("mitmproxy", ("/mitmproxy/", "/mitmproxy_rs/")),
+    ("asyncio: event loop, sockets", ("/asyncio/", "/selectors.py", "/socket.py", "/ssl.py")),
+)
+PERFPY_COLLECTOR = "the cycle collector (gc)"
+PERFPY_NO_FRAME = "no Python frame (start-up, other threads)"
+PERFPY_PACKAGES = "other installed packages"
+PERFPY_STDLIB = "the standard library alone"
+GC_SYMBOLS = ("gc_collect", "_PyGC_Collect", "_Py_RunGC", "deduce_unreachable")
+
+
+def perfpy_owner(frames: list[str]) -> tuple[str, str]:
+    """A sample's owner and its innermost Python function (perf script's symbols, innermost
+    first; jitted Python frames are ``py::qualname:path``). The owner is the package of the
+    innermost Python frame that is not the standard library's (enum, contextlib, logging:
+    their work belongs to whoever called them), asyncio counted as a package. A collection
+    that runs inside some Python frame belongs to the collector, not to that frame."""
+    python = [(i, sym[4:]) for i, sym in enumerate(frames) if sym.startswith("py::")]
+    if not python or any(f.startswith(GC_SYMBOLS) for f in frames[:python[0][0]]):
+        collected = any(f.startswith(GC_SYMBOLS) for f in frames)
+        return (PERFPY_COLLECTOR,) * 2 if collected else (PERFPY_NO_FRAME,) * 2
+    func, _, path = python[0][1].partition(":")
+    function = f"{func} ({short_file(path)})"
+    for _, sym in python:
+        path = sym.partition(":")[2]
+        for owner, parts in PERFPY_OWNERS:
+            if any(part in path for part in parts):
+                return owner, function
+        if "-packages/" in path:
+            return PERFPY_PACKAGES, function
+    return PERFPY_STDLIB, function
+
+
+def perfpy_count(lines: Iterable[str]) -> tuple[collections.Counter[str],
+                                                   collections.Counter[str], int]:
+    """Samples by owner and by innermost Python function, and all samples, from
+    ``perf script -F ip,sym`` (one frame per line, a blank line after each sample)."""
+    owners: collections.Counter[str] = collections.Counter()
+    functions: collections.Counter[str] = collections.Counter()
+    total = 0
+    frames: list[str] = []
+    for line in (*lines, ""):
+        parts = line.split(None, 1)
+        if parts:
+            frames.append(parts[1].strip() if len(parts) > 1 else "?")
+            continue
+        if frames:
+            owner, function = perfpy_owner(frames)
+            owners[owner] += 1
+            functions[function] += 1
+            total += 1
+            frames = []
+    return owners, functions, total
+
+
+def perfpy_report(data: Path, pid: int) -> dict[str, object]:
+    """perf's samples of one window, its JIT records (the Python frames) injected first."""
+    if not data.exists():
+        return {"missing": True}
+    # perf keeps a copy of every jitted function it writes out (thousands) in its build-id
+    # cache, ~/.debug unless told otherwise: a directory of our own, removed below
+    perf = ["perf", "--buildid-dir", str(data.parent / "perf-buildids")]
+    injected = data.with_suffix(".jit.data")
+    try:
+        subprocess.run([*perf, "inject", "--jit", "-i", str(data), "-o", str(injected)],
+                       capture_output=True, timeout=600, check=True)  # fmt: skip
+        with subprocess.Popen([*perf, "script", "-F", "ip,sym", "-i", str(injected)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              errors="replace") as script:  # fmt: skip
+            assert script.stdout is not None
+            owners, functions, total = perfpy_count(script.stdout)
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"missing": True, "error": str(e)[-300:]}
+    finally:  # hundreds of MB: the raw samples, the jitted code perf inject wrote out
+        for path in (data, injected, *Path("/tmp").glob(f"jitted-{pid}-*.so")):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(data.parent / "perf-buildids", ignore_errors=True)
+    return {"total": total, "owners": owners.most_common(),
+            "functions": functions.most_common(300)}
 
 
 TASK_BASES = frozenset({"ntlm:pool/lending.py:open_connection",
@@ -332,10 +430,11 @@ def cprofile_counts(prof: Path) -> Counts:
 
 
 def cprofile_run(st: compare.Stack, stack_cfg: compare.Config, name: str, prof: Path,
-                 load_it: Callable[[str], Load] | None) -> tuple[Counts, Load]:
+                 load_it: Callable[[str], Load] | None, pinned: bool) -> tuple[Counts, Load]:
     """One mitmdump under cProfile: start-up, ``load_it(proxy)`` if given, shut-down."""
     prof.unlink(missing_ok=True)
     r = start_mitmdump(st, stack_cfg, f"cprof-{name}", name == "addon", False, prof)
+    pin(r.pid, pinned)
     try:
         load = load_it(r.proxy) if load_it is not None else Load()
     finally:
@@ -349,10 +448,11 @@ def cprofile_phase(mode: str, st: compare.Stack, cfg: Config, stack_cfg: compare
     of every function called about once a request or more."""
     result = {}
     for name in ("stock", "addon"):
-        idle, _ = cprofile_run(st, stack_cfg, name, cfg.out / f"{mode}-{name}-idle.prof", None)
+        idle, _ = cprofile_run(st, stack_cfg, name, cfg.out / f"{mode}-{name}-idle.prof", None,
+                               cfg.pin)
         loaded, load = cprofile_run(
             st, stack_cfg, name, cfg.out / f"{mode}-{name}.prof",
-            lambda proxy: run_load(mode, proxy, st, cfg.duration, cfg.connections))
+            lambda proxy: run_load(mode, proxy, st, cfg.duration, cfg.connections), cfg.pin)
         print(f"{mode:<10} cprof  {name:<5} req {load.requests:>6} err {load.errors:>3} "
               f"req/s {load.rps or 0:7.0f} (under cProfile)", flush=True)
         per: dict[str, list[float]] = {}
@@ -411,6 +511,40 @@ def fmt(v: float) -> str:
     if v != v:
         return "-"
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def perfpy_summary(prof: dict[str, dict[str, object]], cpu: dict[str, float],
+                   ws: list[Window]) -> list[str]:
+    """The perfpy phase's owners and functions as ms/request: each one's share of the
+    window's samples times that window's CPU per request (perf's JIT support and its copying
+    of stacks included: both contenders pay them), so the rows add up to the window's gap;
+    the plain rounds' CPU per request when the window has none."""
+    runs = {n: prof.get(f"{n}/perfpy", {}) for n in CONTENDERS}
+    if not all(r.get("total") for r in runs.values()):
+        return []
+    scale, window_cpu = {}, {}
+    for n in CONTENDERS:
+        own = [w for w in ws if w.contender == n and w.phase == "perfpy" and w.requests]
+        window_cpu[n] = 1000 * own[0].per_req(own[0].user_s + own[0].sys_s) if own else cpu[n]
+        scale[n] = window_cpu[n] / runs[n]["total"]  # type: ignore[operator]
+    lines = ["", "perf with Python frames (perfpy): CPU by the package of the innermost Python "
+             f"frame outside the standard library, ms/request ({runs['stock']['total']} and "
+             f"{runs['addon']['total']} samples; the window's CPU per request: stock "
+             f"{window_cpu['stock']:.3f}, addon {window_cpu['addon']:.3f}):", "",
+             "| owner | stock | addon | addon - stock |", "|---|---|---|---|"]
+    for table, top in (("owners", 12), ("functions", 25)):
+        per = {n: {k: c * scale[n] for k, c in runs[n][table]}  # type: ignore[attr-defined]
+               for n in CONTENDERS}
+        keys = sorted(set(per["stock"]) | set(per["addon"]),
+                      key=lambda k: -abs(per["addon"].get(k, 0) - per["stock"].get(k, 0)))
+        if table == "functions":
+            lines += ["", "perfpy: own CPU of the innermost Python function, largest "
+                      "differences (ms/request):", "",
+                      "| function | stock | addon | addon - stock |", "|---|---|---|---|"]
+        for k in keys[:top]:
+            a, s = per["addon"].get(k, 0.0), per["stock"].get(k, 0.0)
+            lines.append(f"| {k} | {s:.3f} | {a:.3f} | {a - s:+.3f} |")
+    return lines
 
 
 def mode_summary(mode: str, ws: list[Window], prof: dict[str, dict[str, object]],
@@ -484,6 +618,7 @@ def mode_summary(mode: str, ws: list[Window], prof: dict[str, dict[str, object]]
                   "function (ms/req):", ""]
         for name, count in spy["addon"]["ours"][:12]:  # type: ignore[index]
             lines.append(f"- {name}: {count / total_a * cpu['addon']:.3f}")
+    lines += perfpy_summary(prof, cpu, ws)
     if all(n in stracecalls for n in CONTENDERS):
         lines += ["", "strace -c, calls per request (ptrace-slowed: batching differs):", "",
                   "| syscall | stock | addon |", "|---|---|---|"]
@@ -541,16 +676,43 @@ def start_script_contender(st: compare.Stack, out: Path) -> Running:
                    lambda: compare.stop_proc(proc, signal.SIGINT), log=log)
 
 
+PINNED_CORE = 0
+
+
+def pin(pid: int | None, enabled: bool) -> None:
+    """``--pin``: a mitmdump on core 0 (its threads too), while this process, the load
+    generators and the servers it starts keep to the other cores."""
+    if enabled and pid is not None:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), {PINNED_CORE})
+
+
+@contextlib.contextmanager
+def perf_jit_support(enabled: bool) -> Iterator[None]:
+    """Python 3.13 writes perf's JIT records (/tmp/jit-PID.dump) for the processes started
+    here: only the mitmdumps, not the load generators."""
+    if not enabled:
+        yield
+        return
+    os.environ["PYTHON_PERF_JIT_SUPPORT"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["PYTHON_PERF_JIT_SUPPORT"]
+
+
 @dataclasses.dataclass
 class Config:
     modes: tuple[str, ...] = ("keepalive",)
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = DEFAULT_PHASES
     rounds: int = 3
     duration: float = 8.0
     warmup: float = 2.0
     connections: int = 8
     out: Path = Path("/tmp/profile_cpu")
     script: bool = True  # also stock + a hook-less script in the plain rounds
+    pin: bool = False  # mitmdumps on core 0, everything else on the others
 
 
 def run(cfg: Config) -> str:
@@ -564,8 +726,11 @@ def run(cfg: Config) -> str:
         try:
             plain_names = (*CONTENDERS, "script") if cfg.script else CONTENDERS
             for name in plain_names:
-                running[name] = start_script_contender(st, cfg.out) if name == "script" else \
-                    start_mitmdump(st, stack_cfg, f"prof-{name}", name == "addon", False, None)
+                with perf_jit_support("perfpy" in cfg.phases):
+                    running[name] = start_script_contender(st, cfg.out) if name == "script" \
+                        else start_mitmdump(st, stack_cfg, f"prof-{name}", name == "addon",
+                                            False, None)
+                pin(running[name].pid, cfg.pin)
                 for url in (st.nginx.url("/small"), st.nginx.url("/small", tls=True)):
                     if (status := probe(running[name], url)) != "200":  # type: ignore[arg-type]
                         raise RuntimeError(f"{name}: {url} answered {status}")
@@ -602,6 +767,8 @@ def run(cfg: Config) -> str:
                         prof[f"{name}/pyspy"] = pyspy_report(out)
                     elif phase == "strace":
                         straced[name] = (strace_report(out), w.requests)
+                    elif phase == "perfpy":
+                        prof[f"{name}/perfpy"] = perfpy_report(out, running[name].pid)
                 mine = [w for w in windows if w.mode == mode]
                 sections.append(mode_summary(mode, mine, prof, straced, calls))
                 (cfg.out / f"{mode}-summary.md").write_text(sections[-1] + "\n")
@@ -609,6 +776,7 @@ def run(cfg: Config) -> str:
         finally:
             for r in running.values():
                 r.stop()
+                Path(f"/tmp/jit-{r.pid}.dump").unlink(missing_ok=True)  # perfpy's JIT records
     (cfg.out / "windows.json").write_text(
         json.dumps([dataclasses.asdict(w) for w in windows], indent=1))
     return "\n\n".join(sections)
@@ -617,7 +785,8 @@ def run(cfg: Config) -> str:
 def parse_args(argv: list[str] | None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="keepalive", help=f"comma list of {','.join(MODES)}")
-    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {PHASES}")
+    p.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                   help=f"comma list of {PHASES} (perfpy: Python 3.13)")
     p.add_argument("--rounds", type=int, default=3, help="plain rounds per contender")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per window")
     p.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds per mode")
@@ -625,16 +794,25 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--out", type=Path, default=Path("/tmp/profile_cpu"), help="raw outputs")
     p.add_argument("--no-script", action="store_true",
                    help="leave out stock mitmdump + a hook-less script (the plain rounds' third)")
+    p.add_argument("--pin", action="store_true",
+                   help="mitmdumps on CPU 0, the load generators and servers on the rest")
     a = p.parse_args(argv)
+    if a.pin:
+        if (os.cpu_count() or 1) < 2:
+            p.error("--pin needs two cores or more")
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))  # inherited by the load
     modes = tuple(m for m in a.modes.split(",") if m)
     phases = tuple(x for x in a.phases.split(",") if x)
     if bad := [m for m in modes if m not in MODES] + [x for x in phases if x not in PHASES]:
         p.error(f"unknown mode or phase: {bad}")
-    for tool, phase in (("perf", "perf"), ("strace", "strace")):
+    for tool, phase in (("perf", "perf"), ("perf", "perfpy"), ("strace", "strace")):
         if phase in phases and shutil.which(tool) is None:
             p.error(f"{tool} is not installed (leave out the {phase} phase)")
+    if "perfpy" in phases and sys.version_info < (3, 13):
+        p.error("the perfpy phase needs Python 3.13 (perf's JIT records, PYTHON_PERF_JIT_"
+                f"SUPPORT); this is {sys.version.split()[0]}")
     return Config(modes, phases, a.rounds, a.duration, a.warmup, a.connections, a.out,
-                  not a.no_script)
+                  not a.no_script, a.pin)
 
 
 def main(argv: list[str] | None = None) -> int:

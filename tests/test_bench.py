@@ -105,3 +105,31 @@ def test_instruction_counts(tmp_path: Path) -> None:
         proc.stdout
     # Every tunnel of the addon was a logon at the parent; stock's parent asks for none.
     assert re.search(r"addon +connect +20 requests, .* 20 NTLM logons", proc.stderr), proc.stderr
+
+
+def test_perf_with_python_frames(tmp_path: Path) -> None:
+    """bench/profile_cpu.py's perfpy phase: perf samples of real mitmdumps carry their
+    Python frames, so an intercepted tunnel's CPU splits by package. Only the addon runs
+    pyspnego (its logons); both run mitmproxy. perf's bulky files are gone afterwards."""
+    if sys.version_info < (3, 13):
+        pytest.skip("perf's JIT records for Python frames need Python 3.13")
+    missing = [t for t in (*TOOLS, "perf") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    out = tmp_path / "profile"
+    jitted_before = set(Path("/tmp").glob("jitted-*.so"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_cpu.py"), "--modes", "connect",
+         "--phases", "perfpy", "--duration", "3", "--warmup", "1", "--no-script",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+        r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \| [+-][\d.]+ \|$", proc.stdout, re.M)}
+    stock_ms, addon_ms = rows["pyspnego (NTLM messages and crypto)"]
+    assert stock_ms == 0 and addon_ms > 0, proc.stdout
+    assert rows["this addon"][0] == 0 and rows["this addon"][1] > 0, proc.stdout
+    assert min(rows["mitmproxy"]) > 0, proc.stdout
+    assert not list(out.glob("*.data")) and not (out / "perf-buildids").exists()
+    assert set(Path("/tmp").glob("jitted-*.so")) <= jitted_before

@@ -16,7 +16,7 @@ def levels() -> list[int]:
     return [logging.getLogger(name).level for name in QUIETED]
 
 
-def test_debug_records_are_dropped_only_while_nothing_shows_them() -> None:
+def test_records_are_dropped_only_while_nothing_shows_them() -> None:
     part = LogLevel()
     try:
         with taddons.context(TermLog(), part) as tctx:
@@ -27,7 +27,16 @@ def test_debug_records_are_dropped_only_while_nothing_shows_them() -> None:
             tctx.configure(part, termlog_verbosity="debug")
             assert levels() == [logging.NOTSET] * len(QUIETED)
             tctx.configure(part, termlog_verbosity="warn")
-            assert levels() == [logging.INFO] * len(QUIETED)  # warnings still pass
+            own, mitmproxy = levels()
+            assert own == logging.WARNING  # the addon's INFO records: nothing prints them
+            assert mitmproxy == logging.INFO  # mitmproxy's own records as for stock mitmproxy
+            assert logging.getLogger("mitmproxy_ntlm.trace").isEnabledFor(logging.WARNING)
+            tctx.configure(part, termlog_verbosity="error")
+            assert levels() == [logging.ERROR, logging.INFO]
+            tctx.configure(part, termlog_verbosity="alert")  # mitmproxy's level above info
+            assert levels()[0] == logging.INFO + 1
+            tctx.configure(part, termlog_verbosity="info")
+            assert levels() == [logging.INFO] * len(QUIETED)  # and back
             part.done()
             assert levels() == [logging.NOTSET] * len(QUIETED)
     finally:

@@ -1,4 +1,4 @@
-"""DEBUG log records only when something shows them.
+"""Log records only when something shows them.
 
 mitmproxy sets the root logger to DEBUG and hands every record, whatever its level, to its
 deprecated `add_log` event: the record is formatted, handed to the event loop through
@@ -9,8 +9,12 @@ connection ("closing transports"): work for nobody on a proxy that logs at info.
 
 `LogLevel` sets the level of the `mitmproxy_ntlm` and `mitmproxy` loggers to what is shown:
 DEBUG (their parent's, unset) when the termlog shows debug or an event log keeps records
-(mitmweb, the console: their event log can show debug), INFO otherwise. The stages are kept
-on the flows either way.
+(mitmweb, the console: their event log can show debug), INFO otherwise. Under a termlog that
+shows only warnings or errors (and no event log), the addon's own logger goes up to that
+level too: its one INFO record per logon (formatted, handed to the event loop, offered to
+every addon) cost an intercepted tunnel 1.3% of its instructions (51.9 against 51.2 M).
+mitmproxy's own INFO records are left as they are, as for stock mitmproxy. The stages are
+kept on the flows either way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import logging
 
 from mitmproxy import ctx
 
-QUIETED = ("mitmproxy_ntlm", "mitmproxy")
+OWN = "mitmproxy_ntlm"
+QUIETED = (OWN, "mitmproxy")
 """The loggers whose DEBUG records are dropped when nothing shows them."""
 
 
@@ -28,6 +33,12 @@ def debug_shown() -> bool:
     if getattr(ctx.options, "termlog_verbosity", "info") == "debug":
         return True
     return ctx.master.addons.get("eventstore") is not None
+
+
+def termlog_level() -> int:
+    """The lowest level mitmproxy's termlog prints (INFO when it names an unknown one)."""
+    level = logging.getLevelName(str(getattr(ctx.options, "termlog_verbosity", "info")).upper())
+    return level if isinstance(level, int) else logging.INFO
 
 
 class LogLevel:
@@ -41,9 +52,10 @@ class LogLevel:
         self.apply()  # every addon (an event log) is there now
 
     def apply(self) -> None:
-        level = logging.NOTSET if debug_shown() else logging.INFO
+        shown = logging.NOTSET if debug_shown() else logging.INFO
         for name in QUIETED:
-            logging.getLogger(name).setLevel(level)
+            own_level = max(shown, termlog_level()) if shown and name == OWN else shown
+            logging.getLogger(name).setLevel(own_level)
 
     def done(self) -> None:
         for name in QUIETED:

@@ -30,7 +30,9 @@ def test_records_are_dropped_only_while_nothing_shows_them() -> None:
             own, mitmproxy = levels()
             assert own == logging.WARNING  # the addon's INFO records: nothing prints them
             assert mitmproxy == logging.INFO  # mitmproxy's own records as for stock mitmproxy
-            assert logging.getLogger("mitmproxy_ntlm.trace").isEnabledFor(logging.WARNING)
+            own_logger = logging.getLogger("mitmproxy_ntlm")  # trace.py's: a logon's result
+            assert own_logger.isEnabledFor(logging.WARNING)
+            assert not own_logger.isEnabledFor(logging.INFO)
             tctx.configure(part, termlog_verbosity="error")
             assert levels() == [logging.ERROR, logging.INFO]
             tctx.configure(part, termlog_verbosity="alert")  # mitmproxy's level above info

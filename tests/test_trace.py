@@ -165,3 +165,32 @@ def test_leg_flows_keep_a_bounded_dechunked_407_page_and_their_own_times() -> No
     assert first.comment.startswith(f"NTLM leg 1 of 2 for GET {main.request.pretty_url} "
                                     f"(flow {main.id[:8]}): no token -> 407")
     assert parent_answer(trace).status_code == 407
+
+
+def test_traces_live_with_their_connections_and_a_short_history() -> None:
+    """A flow finds its connection's trace while the connection's layer holds it; once the
+    layer is gone only the latest RECENT_TRACES stay (ntlm.status, ntlm.report), so a busy
+    day's traces do not pile up in the heap the collector walks."""
+    import gc
+
+    from mitmproxy_ntlm.policy import RECENT_TRACES, UpstreamPolicy
+    from mitmproxy_ntlm.trace import HandshakeTrace
+
+    policy = UpstreamPolicy(creds=None)
+    open_layers = []  # what the layers of still-open connections hold: their engines' traces
+    for n in range(RECENT_TRACES + 100):
+        trace = HandshakeTrace("parent:3128", f"client:{n}", "CONNECT example:443")
+        trace.finish("authenticated")
+        policy.record(f"conn-{n}", trace)
+        if n < 10:
+            open_layers.append(trace)
+    gc.collect()
+    assert policy.trace("conn-0") is open_layers[0]  # open, though past the history's bound
+    assert policy.trace("conn-50") is None  # closed and older than the history
+    assert policy.trace(f"conn-{RECENT_TRACES + 99}") is not None  # closed, in the history
+    kept = policy.kept_traces()
+    assert len(kept) == RECENT_TRACES + 10 and len({id(t) for t in kept}) == len(kept)
+    assert kept[-10:] == open_layers  # the open ones not in the history come last
+    del open_layers, trace, kept
+    gc.collect()
+    assert policy.trace("conn-0") is None and len(policy.kept_traces()) == RECENT_TRACES

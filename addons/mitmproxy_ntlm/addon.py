@@ -33,7 +33,7 @@ from .kerberos import KerberosSettings, KerberosTickets, KerberosUnavailable
 from .layers.upstream import answer_failed_tunnel
 from .legflows import leg_flows, parent_answer
 from .multiuser import ClientLogins
-from .policy import AuthUnavailable, Guard, UpstreamPolicy, new_guard
+from .policy import RECENT_TRACES, AuthUnavailable, Guard, UpstreamPolicy, new_guard
 from .pool import ParentPool
 from .proxy_credentials import drop_client_proxy_credentials, relayed_to_parent
 from .report import build_report, write_report
@@ -507,14 +507,13 @@ class NtlmUpstreamAuth:
         policy = self.policy
         if policy is None or "ntlm" in flow.metadata:
             return
-        traces = policy.traces
-        origin = traces.get(f"{flow.server_conn.id}/origin")
+        origin = policy.trace(f"{flow.server_conn.id}/origin")
         if origin is not None and "ntlm_origin" not in flow.metadata:
             metadata, comment, _ = origin.annotation()
             flow.metadata["ntlm_origin"] = metadata
             flow.comment = flow.comment or shown(comment, PAGE_LIMIT)
             self._legs_for(flow, f"{flow.server_conn.id}/origin")
-        trace = traces.get(flow.server_conn.id)
+        trace = policy.trace(flow.server_conn.id)
         if trace is None or trace.result == "pending":
             return
         metadata, comment, ok = trace.annotation()
@@ -570,7 +569,7 @@ class NtlmUpstreamAuth:
     def report(self) -> Sequence[str]:
         """Diagnostic report for the IT department: versions, options (no secrets), the
         parents' schemes, the last handshakes with the decoded challenge and clock skew."""
-        traces = self.policy.traces.values() if self.policy is not None else []
+        traces = self.policy.kept_traces() if self.policy is not None else []
         return build_report(ctx.options, list(self.status()), traces)
 
     @command.command("ntlm.report.save")
@@ -598,14 +597,16 @@ class NtlmUpstreamAuth:
             users = sorted({c.principal for c in policy.identities.values()})
             mode = (f"multi-user, {len(policy.identities)} client connections "
                     f"({policy.dialect.label})")
-        traces = list(policy.traces.values())
+        traces = policy.kept_traces()
         results: dict[str, int] = {}
         for t in traces:
             results[t.result] = results.get(t.result, 0) + 1
         lines = [
             f"parents: {', '.join(str(m) for m in ctx.options.mode)}",
             f"mode: {mode}",
-            "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items())) or "none"),
+            "handshakes: " + (", ".join(f"{n} {r}" for r, n in sorted(results.items()))
+                              or "none")
+            + f" (open connections' and the last {RECENT_TRACES})",
         ]
         pool = self.runtime.pool
         if pool is None:

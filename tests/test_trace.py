@@ -190,7 +190,7 @@ def test_traces_live_with_their_connections_and_a_short_history() -> None:
     assert policy.trace(f"conn-{RECENT_TRACES + 99}") is not None  # closed, in the history
     kept = policy.kept_traces()
     assert len(kept) == RECENT_TRACES + 10 and len({id(t) for t in kept}) == len(kept)
-    assert kept[-10:] == open_layers  # the open ones not in the history come last
+    assert kept[:10] == open_layers  # open ones older than the history come first
     del open_layers, trace, kept
     gc.collect()
     assert policy.trace("conn-0") is None and len(policy.kept_traces()) == RECENT_TRACES

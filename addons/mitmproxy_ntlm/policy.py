@@ -227,8 +227,8 @@ class UpstreamPolicy:
     traces: weakref.WeakValueDictionary[str, HandshakeTrace] = field(
         default_factory=weakref.WeakValueDictionary)
     # ... and the latest ones, open or closed, for ntlm.status and ntlm.report. Keeping every
-    # closed connection's trace (up to 10,000) cost an intercepted tunnel 6% more CPU: the
-    # collector walked them and the heap grew with them.
+    # closed connection's trace (up to 10,000) made mitmdump 4-6 MB larger after 3,000
+    # intercepted tunnels, and in an experiment cost 6% more CPU per tunnel (benchmarks.md).
     recent_traces: BoundedMap[str, HandshakeTrace] = field(
         default_factory=lambda: BoundedMap(RECENT_TRACES, 2 << 20, size=_trace_size))
     # Multi-user: the identity each client connection authenticated with (dropped when the
@@ -372,10 +372,11 @@ class UpstreamPolicy:
         return trace if trace is not None else self.recent_traces.get(key)
 
     def kept_traces(self) -> list[HandshakeTrace]:
-        """Open connections' traces and the latest closed ones, each once, oldest first."""
+        """Open connections' traces and the latest ones, each once, oldest first (an open
+        connection's trace not among the latest is older than all of them)."""
         recent = self.recent_traces.values()
         seen = {id(t) for t in recent}
-        return recent + [t for t in self.traces.values() if id(t) not in seen]
+        return [t for t in self.traces.values() if id(t) not in seen] + recent
 
     def accepted(self, creds: Credentials) -> None:
         self.guard.accepted(creds.principal)

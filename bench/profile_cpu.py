@@ -244,9 +244,11 @@ def perfpy_owner(frames: list[str]) -> tuple[str, str]:
     their work belongs to whoever called them), asyncio counted as a package. A collection
     that runs inside some Python frame belongs to the collector, not to that frame."""
     python = [(i, sym[4:]) for i, sym in enumerate(frames) if sym.startswith("py::")]
-    if not python or any(f.startswith(GC_SYMBOLS) for f in frames[:python[0][0]]):
-        collected = any(f.startswith(GC_SYMBOLS) for f in frames)
-        return (PERFPY_COLLECTOR,) * 2 if collected else (PERFPY_NO_FRAME,) * 2
+    below_python = frames[:python[0][0]] if python else frames
+    if any(f.startswith(GC_SYMBOLS) for f in below_python):
+        return PERFPY_COLLECTOR, PERFPY_COLLECTOR
+    if not python:
+        return PERFPY_NO_FRAME, PERFPY_NO_FRAME
     func, _, path = python[0][1].partition(":")
     function = f"{func} ({short_file(path)})"
     for _, sym in python:

@@ -52,10 +52,13 @@ class LogLevel:
         self.apply()  # every addon (an event log) is there now
 
     def apply(self) -> None:
-        shown = logging.NOTSET if debug_shown() else logging.INFO
-        for name in QUIETED:
-            own_level = max(shown, termlog_level()) if shown and name == OWN else shown
-            logging.getLogger(name).setLevel(own_level)
+        if debug_shown():
+            levels = dict.fromkeys(QUIETED, logging.NOTSET)
+        else:
+            levels = {**dict.fromkeys(QUIETED, logging.INFO),
+                      OWN: max(logging.INFO, termlog_level())}
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
     def done(self) -> None:
         for name in QUIETED:

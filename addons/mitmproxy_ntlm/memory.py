@@ -12,7 +12,7 @@ attribute), read once a second: no hook, so nothing is added to a connection's c
 Once mitmproxy runs, the objects start-up made (modules, classes, options, the addons) are
 moved out of the cycle collector's way (`gc.freeze()`): they live as long as the process, yet
 each full collection walked them all, 55-80 ms every few hundred tunnels, and the addon's
-imports and kept handshake traces make that walk 45% longer than stock mitmproxy's. A frozen
+imports and the handshake traces it then kept made that walk 45% longer than stock's. A frozen
 object is still freed when its last reference goes; only a reference cycle among frozen
 objects would stay. So an option changed at runtime, after which replaced objects may be such
 cycles, and unloading the script give them back to the collector (`gc.unfreeze()`), and

@@ -6,8 +6,9 @@
 For each contender, in turn, on the stack of bench/compare.py (nginx origin; the addon against
 Squid with ``ntlm_fake_auth``, single user; stock mitmdump against the no-auth Squid): RSS
 (VmRSS) once it settles after start, after one request, its peak during a burst of keep-alive
-clients (hey), and again ``--quiet`` seconds after the burst. Numbers are machine-relative: read
-the ratios between rows of one run.
+clients (hey), and again ``--quiet`` seconds after the burst. Where jemalloc is installed, the
+addon also runs on it, as ``mitm-ntlm start`` runs it (allocator.py). Numbers are
+machine-relative: read the ratios between rows of one run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if str(ROOT) not in sys.path:  # `python bench/memory.py` puts bench/, not the c
 
 from bench import compare  # noqa: E402
 from bench.soak import raise_fd_limit  # noqa: E402
+from mitmproxy_ntlm.allocator import find_jemalloc, with_allocator  # noqa: E402
 from tests.servers import client_env  # noqa: E402
 
 
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     contenders: list[tuple[str, Path | None, list[str]]] = (
         [] if args.no_stock else [("mitmdump", None, plain)])
     contenders.append(("addon", compare.ADDON, plain))
+    if (library := find_jemalloc()) is not None:  # what `mitm-ntlm start` runs it with
+        env, _ = with_allocator({}, "jemalloc", library)
+        contenders.append(("addon, jemalloc (mitm-ntlm start)", compare.ADDON,
+                           ["env", *(f"{k}={v}" for k, v in env.items())]))
     for spec in args.script:
         name, _, path = spec.partition("=")
         contenders.append((name, Path(path).resolve(), plain))

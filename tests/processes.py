@@ -54,6 +54,19 @@ def alive(pid: int) -> bool:
     return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def terminate(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     """SIGTERM, then SIGKILL if it has not ended within 10 s."""
     if proc.poll() is None:

@@ -19,7 +19,7 @@ import pytest
 from mitmproxy_ntlm.testing.parent import ParentProxy
 from tests.constants import TEST_DOMAIN
 from tests.mitm import ROOT, curl
-from tests.processes import Service, alive
+from tests.processes import Service, alive, children
 from tests.servers import client_env, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
@@ -57,19 +57,6 @@ def write_config(path: Path, parent: ParentProxy, port: int, user: str, password
     path.write_text(f"mode:\n  - upstream:{parent.url}\nlisten_port: {port}\n"
                     f"ntlm_username: {TEST_DOMAIN}\\{user}\n"
                     f"ntlm_password_file: {password_file}\n{extra}")
-
-
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is pid (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def group_alive(pgid: int) -> bool:

@@ -31,6 +31,8 @@ from typing import Any
 from mitmproxy import exceptions
 
 from . import options
+from .allocator import CHOICES as ALLOCATORS
+from .allocator import AllocatorError, find_jemalloc, with_allocator
 from .cntlm_import import cntlm_hashes, cntlm_hex, convert, hash_lines, yaml_scalar
 from .config_file import default_config_paths, find_config, read_config
 from .credentials import (
@@ -157,6 +159,10 @@ def start(args: argparse.Namespace) -> int:
         file_options = read_config(config) if config else {}
     except (InterceptError, exceptions.OptionsError) as e:
         return fail("start", str(e))
+    try:
+        env, memory = with_allocator(env, args.allocator, find_jemalloc())
+    except AllocatorError as e:
+        return fail("start", str(e))
     if args.workers < 1:
         return fail("start", f"--workers {args.workers}: give 1 or more")
     if args.workers > 1 and args.tool != "mitmdump":
@@ -210,6 +216,7 @@ def start(args: argparse.Namespace) -> int:
         create_ca(confdir)
     cmd = build_command(args, parent_url, host, port, config, file_options)
     announce_https(args, file_options)
+    print(memory)
     sys.stdout.flush()  # our lines before mitmproxy's, also when stdout is a file
     if args.workers > 1:
         cmd = worker_command(cmd)
@@ -519,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N mitmdump processes on the port, for more than one core "
                    "(default 1)")
+    p.add_argument("--allocator", default="auto", choices=ALLOCATORS,
+                   help="auto (default): jemalloc where installed (libjemalloc2), so the "
+                   "memory a burst of clients took goes back to the system; jemalloc: "
+                   "fail without it; python: CPython's own")
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="any further mitmproxy option (repeatable)")
     p.add_argument("--intercept", metavar="HOSTS|all",

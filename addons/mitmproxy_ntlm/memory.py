@@ -4,7 +4,9 @@ After a burst of clients, CPython keeps the arenas of freed objects and glibc ke
 pages, so the process stays at its peak size for good (stock mitmdump too). Once no client
 connection has been open for `QUIET_SECONDS` after some were (or after start-up), one
 `gc.collect()` and glibc's `malloc_trim(0)` return what they can; then nothing more until the
-next busy period.
+next busy period. Most of a burst's memory goes back only with Python's objects outside
+CPython's arenas: `mitm-ntlm start` runs mitmproxy on jemalloc where it can (allocator.py),
+and then the quiet period flushes jemalloc's cache and purges its free pages instead.
 
 The open connections are counted by mitmproxy itself (`Proxyserver.connections`, a public
 attribute), read once a second: no hook, so nothing is added to a connection's cost.
@@ -66,13 +68,43 @@ class QuietPeriods:
 
 
 def give_back_memory() -> None:
-    """Collect cycles, then ask the C allocator to return its free pages to the system."""
+    """Collect cycles, then ask the C allocator to return its free pages to the system. Under
+    jemalloc (`mitm-ntlm start`, allocator.py) that is its own: the objects this thread's cache
+    holds go back to their pages, and every page unused now is returned at once, not after
+    its decay time (`mallctl`)."""
     collected = gc.collect()
+    mallctl = _jemalloc_mallctl()
+    if mallctl is not None:
+        flushed = mallctl(b"thread.tcache.flush", None, None, None, 0) == 0
+        purged = mallctl(b"arena.%d.purge" % ALL_ARENAS, None, None, None, 0) == 0
+        log.debug("[ntlm] proxy quiet: %d objects collected, jemalloc: cache %s, pages %s",
+                  collected, "flushed" if flushed else "not flushed",
+                  "purged" if purged else "not purged")
+        return
     trim = _malloc_trim()
     released = None if trim is None else bool(trim(0))
     log.debug("[ntlm] proxy quiet: %d objects collected, malloc_trim: %s", collected,
               {None: "not in this C library", True: "memory released",
                False: "nothing to release"}[released])
+
+
+ALL_ARENAS = 4096
+"""jemalloc's MALLCTL_ARENAS_ALL: `arena.4096.purge` purges every arena."""
+
+
+@functools.cache
+def _jemalloc_mallctl() -> Callable[..., int] | None:
+    """jemalloc's `mallctl` when jemalloc is this process's allocator, else None."""
+    import ctypes
+
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    return mallctl
 
 
 @functools.cache

@@ -42,7 +42,7 @@ def test_auto_preloads_jemalloc_and_routes_python_objects_to_it() -> None:
 
 @pytest.mark.parametrize("name", ["PYTHONMALLOC", "LD_PRELOAD", "MALLOC_CONF"])
 def test_the_users_own_allocator_settings_win(name: str) -> None:
-    for choice in ("auto", "jemalloc"):
+    for choice in ("auto", "jemalloc", "python"):
         env, line = with_allocator({name: "theirs"}, choice, JEMALLOC)
         assert env == {name: "theirs"}
         assert name in line

@@ -52,10 +52,10 @@ def with_allocator(env: Mapping[str, str], choice: str,
     allocator it gets. `library` is `find_jemalloc()`'s answer."""
     env = dict(env)
     own = [name for name in USER_VARIABLES if env.get(name)]
-    if choice == "python":
-        return env, "Memory: Python's own allocator (--allocator python)."
     if own:
         return env, f"Memory: the allocator your {', '.join(own)} chooses."
+    if choice == "python":
+        return env, "Memory: Python's own allocator (--allocator python)."
     if library is None:
         if choice == "jemalloc":
             raise AllocatorError(f"--allocator jemalloc: no {LIBRARY} found (Debian and "

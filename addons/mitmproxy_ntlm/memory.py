@@ -97,23 +97,26 @@ def _jemalloc_mallctl() -> Callable[..., int] | None:
     """jemalloc's `mallctl` when jemalloc is this process's allocator, else None."""
     import ctypes
 
-    try:
-        mallctl = ctypes.CDLL(None).mallctl
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                        ctypes.c_size_t]
-    mallctl.restype = ctypes.c_int
+    mallctl = _c_function("mallctl")
+    if mallctl is not None:
+        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_size_t]
+        mallctl.restype = ctypes.c_int
     return mallctl
 
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    return _c_function("malloc_trim")
+
+
+def _c_function(name: str) -> Any:
+    """A C function this process has loaded (its C library, a preloaded allocator), or None."""
     import ctypes  # only here: loading ctypes costs memory that a quiet proxy never needs
 
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):
         return None
 

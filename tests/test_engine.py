@@ -151,6 +151,51 @@ def test_a_post_to_a_parent_needing_no_auth_follows_its_probe_with_the_body_once
     assert shown(engine.from_parent(OK)) == OK
 
 
+def test_after_a_parent_let_a_connection_through_the_next_asks_without_credentials() -> None:
+    # Credentials such a parent never verifies would otherwise hold every new connection to
+    # ntlm_max_failures at a time (the lockout guard's slots for untried credentials).
+    from mitmproxy_ntlm.policy import LockoutGuard
+
+    policy = policy_for()
+    policy.guard = LockoutGuard(1)
+    first = new_engine(policy, "client-1")
+    assert auth_token(sent(first.from_child(GET))).startswith(TYPE1)  # nothing learnt yet
+    assert shown(first.from_parent(OK)) == OK
+    busy = new_engine(policy, "client-2")  # holds the only slot: untried credentials
+    assert policy.attempt(busy.policy.creds) is not None  # type: ignore[arg-type]
+
+    second = new_engine(policy, "client-3")
+    actions = second.from_child(GET)
+    assert [type(a) for a in actions] == [ToParent]  # not waiting for the slot, no timer
+    assert sent(actions) == GET  # as the client sent it: no Proxy-Authorization
+    assert shown(second.from_parent(OK)) == OK
+    assert second.trace is not None and second.trace.result == "no auth needed"
+
+
+def test_a_407_to_a_request_without_credentials_starts_the_legs() -> None:
+    policy = policy_for()
+    first = new_engine(policy)
+    sent(first.from_child(POST + BODY))
+    sent(first.from_parent(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n"))  # probe
+    first.from_parent(OK)
+
+    engine = new_engine(policy, "client-2")
+    probe = sent(engine.from_child(POST + BODY))
+    assert request_head(probe).method == "HEAD" and b"Proxy-Authorization" not in probe
+    asked = engine.from_parent(auth_required("NTLM", head_only=True))
+    assert shown(asked) == b""
+    leg1 = sent(asked)
+    assert request_head(leg1).method == "HEAD" and auth_token(leg1).startswith(TYPE1)
+    parent = NtlmAcceptor()
+    leg3 = sent(engine.from_parent(parent.challenge(leg1, head_only=True)))
+    assert parent.accepts(leg3) and leg3.count(BODY) == 1
+    assert shown(engine.from_parent(OK)) == OK
+    assert engine.trace is not None and engine.trace.result == "authenticated"
+    assert engine.trace.stages[0]["stage"] == "sent without credentials"
+    # The parent asks again: the next new connection sends its Type 1 with the request.
+    assert auth_token(sent(new_engine(policy, "client-3").from_child(GET))).startswith(TYPE1)
+
+
 def test_a_rechallenge_on_an_authenticated_connection_replays_the_request() -> None:
     engine = new_engine(policy_for())
     authenticate(engine)

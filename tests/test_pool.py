@@ -400,6 +400,44 @@ def test_the_pool_grows_when_requests_queue_up(mitm, parent, origin):
     assert parent.snapshot().type3_count == 2
 
 
+def test_connections_the_parent_lets_through_do_not_count_against_the_limit(
+        mitm, make_parent, origin):
+    # A parent that asks no logon (of this client, or at all): its connections save no
+    # logon, so they must not hold other requests back under ntlm_pool_connections. With the
+    # limit at 1 and a kept-alive client holding its connection, another client's request
+    # used to wait ntlm_pool_wait (60 s) for a connection that never came free.
+    import httpx
+
+    open_parent = make_parent(require_auth=False)
+    m = mitm(open_parent.url, {**CREDS, "ntlm_pool_connections": 1, "ntlm_pool_wait": 60,
+                               "ntlm_pool_grace": 0}, env=ENV)
+    with httpx.Client(proxy=m.url, timeout=30) as kept:
+        assert kept.get(f"{origin.url}/hello").text == "hello"
+        assert get(m, f"{origin.url}/hello?second", "-m", "10") == "hello"
+        assert kept.get(f"{origin.url}/hello?again").text == "hello"
+    assert open_parent.snapshot().connections == 2
+    assert "no connection came free" not in m.output
+
+
+def test_a_parent_that_asks_no_logon_gets_new_connections_at_once(mitm, noauth_parent, origin):
+    # Until the parent accepts the credentials, at most ntlm_max_failures logons run at a
+    # time (the lockout guard). This parent never asks for one: once it let a connection
+    # through, new connections go without credentials instead of queueing for those slots.
+    m = mitm(noauth_parent.url, {**CREDS, "ntlm_max_failures": 1}, env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    paths = [f"/slow/{ms}" for ms in (3000, 3001, 3002)]
+    slow = [threading.Thread(target=get, args=(m, f"{origin.url}{p}")) for p in paths]
+    for t in slow:
+        t.start()
+    try:
+        assert all(origin.wait_for_request(p) for p in paths)
+        assert all(t.is_alive() for t in slow)  # all three at the origin at once
+    finally:
+        for t in slow:
+            t.join(15)
+    assert "waiting for the logons in progress" not in m.output
+
+
 def test_a_kept_alive_client_waits_for_a_busy_connection_on_its_own(mitm, parent, origin):
     # A kept-alive client whose next request finds the user's only connection busy (lent to
     # another client) waits for it behind the server connection it has: mitmproxy's server

@@ -180,6 +180,8 @@ class AuthEngine:
         self._req_complete = False
         self._replay: bytearray | None = None  # current request's body, for replay
         self._probe = False  # leg 1 is a HEAD probe, the request waits for leg 3
+        self._without_logon = False  # leg 1 went without credentials (`_leg_without_logon`)
+        self._challenged = False  # this request got a 407: it goes through the legs
 
         self._resp_in = bytearray()
         self._passing = False  # response bytes go straight to the child
@@ -337,6 +339,9 @@ class AuthEngine:
         assert self._req is not None
         try:
             self.creds = self._credentials()
+            if self.target is PARENT and not self._challenged and \
+                    self.policy.lets_through.get(self.parent):
+                return self._leg_without_logon()
             self._reserve_attempt()
         except AttemptsBusy as e:
             return self._wait_for_attempt(str(e))
@@ -347,9 +352,11 @@ class AuthEngine:
                 return self._send_plain()
             return self._fail(str(e), auth_failure=True)
         self.generation += 1
-        kind = f"{self._req.first[0]} {self._req.first[1]}"
-        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
-                                    key=self.trace_key)
+        self._without_logon = False
+        if not (self._challenged and self.trace is not None and self.trace.result == "pending"):
+            kind = f"{self._req.first[0]} {self._req.first[1]}"
+            self.trace = HandshakeTrace(self.parent, self.client, kind,
+                                        principal=self.creds.principal, key=self.trace_key)
         try:
             choice = self.policy.choose(self.creds, self.parent, self.target_host,
                                         self.target.name)
@@ -385,6 +392,43 @@ class AuthEngine:
         else:
             self.trace.sent(leg)
         return [ToParent(leg), StartTimer(self.generation)]
+
+    def _leg_without_logon(self) -> list[Action]:
+        """Ask without credentials, as a browser does: this parent let its latest new
+        connection through without a logon, so it may let this one through too. No pyspnego
+        context and no lockout-guard slot (nothing sent here can fail a logon), so a parent
+        that asks nobody to log on is not held to ntlm_max_failures connections at a time
+        while the credentials are untried. A 407 starts the legs (`_challenged_without_logon`).
+        No handshake timer: the answer is the request's own response."""
+        assert self._req is not None and self.creds is not None
+        self.generation += 1
+        kind = f"{self._req.first[0]} {self._req.first[1]}"
+        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
+                                    key=self.trace_key)
+        self.trace.sent_without_logon()
+        self._handshake = None
+        self._without_logon = True
+        self.phase = Phase.LEG1
+        has_body = self._req_framer is not None and (
+            not self._req_framer.done or bool(self._replay)
+        )
+        self._probe = has_body and not self.connect_mode
+        head = wire.probe_head(self._req) if self._probe else self._req.raw
+        self.trace.sent(head)
+        return [ToParent(head)]
+
+    def _challenged_without_logon(self, head: wire.Head) -> list[Action]:
+        """The parent asked for a logon after all: the legs start on this connection once the
+        407's body is read (or on a new one if the parent closes it), from the slot on."""
+        self._without_logon = False
+        self._challenged = True
+
+        def start() -> list[Action]:
+            if not head.keeps_alive():
+                return self._reconnect_or_fail("closed the connection with its 407")
+            return self._start_legs()
+
+        return self._skip_body(head, start)
 
     def _reserve_attempt(self) -> None:
         """Hold a lockout-guard slot for a logon (to the parent, or to an origin server: a
@@ -530,6 +574,7 @@ class AuthEngine:
         reuse.framer = None
         self._reconnects = 0
         self._scheme_switches = 0
+        self._challenged = False
         if reuse.new_connection:
             reuse.new_connection = False
             reuse.reused = False
@@ -743,6 +788,9 @@ class AuthEngine:
                                   f"{status} {head.first[2]}".rstrip())
             self.trace.finish("no auth needed")
             self.policy.record(self.trace_key, self.trace)
+            if self.target is PARENT:
+                self.policy.lets_through[self.parent] = True
+            self._without_logon = False
             self.state = ConnState.NO_AUTH_NEEDED
             self._end_attempt()
             if self._probe:
@@ -750,6 +798,10 @@ class AuthEngine:
             return self._pass_response(head)
         schemes = wire.offered_schemes(head, self.target.challenge_header)
         self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
+        if self.target is PARENT and self.policy.lets_through:
+            self.policy.lets_through.pop(self.parent)
+        if self._without_logon:
+            return self._challenged_without_logon(head)
         try:
             challenge = wire.ntlm_challenge(head, self.target.challenge_header, self.scheme)
         except wire.NotOffered:
@@ -943,6 +995,8 @@ class AuthEngine:
         if handshaking and not self._passing:
             stage = {Phase.LEG1: "after the Type 1", Phase.KERBEROS: "after the Kerberos token"}\
                 .get(self.phase, "after the Type 3")
+            if self._without_logon:
+                stage = "before answering the request sent without credentials"
             return self._fail(f"The {self.target.name} {self.parent} closed the connection during "
                               f"the NTLM handshake ({stage}).")
         return []

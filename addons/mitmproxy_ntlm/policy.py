@@ -244,6 +244,11 @@ class UpstreamPolicy:
     # (account, NT hash) pairs the parent accepted: they need no attempt slot (see attempt()).
     verified: BoundedMap[tuple[str, bytes], bool] = field(
         default_factory=lambda: BoundedMap(10_000, 2 << 20, ttl=3600.0))
+    # Parents whose latest new connection got through without a logon: the next one asks
+    # without credentials first (`AuthEngine._leg_without_logon`). Parents come from the
+    # configuration, PAC files and failover lists, so the map stays small; bounded anyway.
+    lets_through: BoundedMap[str, bool] = field(
+        default_factory=lambda: BoundedMap(1_000, 1 << 20))
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
     # Kerberos or NTLM per peer; the default speaks NTLM only (no ticket source).

@@ -121,6 +121,12 @@ class HandshakeTrace:
         self.principal = principal
         self._stage("Kerberos token sent", messages.describe(token), logging.DEBUG)
 
+    def sent_without_logon(self) -> None:
+        """The request went without credentials: the parent let the last new connection
+        through without a logon (a 407 now starts the legs)."""
+        self._stage("sent without credentials",
+                    {"why": "the parent let its latest new connection through"}, logging.DEBUG)
+
     def sent_type1(self, token: bytes) -> None:
         self.legs += 1
         self._stage("Type 1 sent", messages.describe(token), logging.DEBUG)

@@ -486,9 +486,11 @@ class NtlmUpstreamProxy(internals.ORIGINAL_UPSTREAM_LAYER):  # type: ignore[misc
                 failure = action.reason
         self._report_trace()
         engine, lender = self.engine, self.lender
-        if lend and lender is not None and lender.streams is not None and engine is not None \
-                and engine.reusable():
-            lender.lend(self)
+        if lend and lender is not None and lender.streams is not None and engine is not None:
+            if engine.reusable():
+                lender.lend(self)
+            elif engine.state is eng.ConnState.NO_AUTH_NEEDED:
+                lender.no_logon_needed()
         return failure
 
     def _note_stray(self) -> None:

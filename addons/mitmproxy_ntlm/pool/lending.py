@@ -139,6 +139,19 @@ class ParentLender:
         if released is None or released[1] is not None or not pool.put(released[0]):
             pool.discard(streams.key, pair[1])
 
+    def no_logon_needed(self) -> None:
+        """The parent answered on this connection without asking for a logon. It stays with
+        its client connection, as with stock mitmproxy, and no longer counts against the
+        user's `ntlm_pool_connections`: that limit saves logons, and this connection made
+        none, so requests waiting for one of the user's connections open their own."""
+        streams = self.streams
+        if streams is None:
+            return
+        self.streams = None
+        key, streams.key = streams.key, None
+        if key is not None and streams.phys_writer is not None:
+            self.pool.no_logon_needed(key, streams.phys_writer)
+
     def reacquire(self, key: PoolKey | None, engine: AuthEngine) -> None:
         """A request on a lent connection: attach an idle one of this user, else wait for one
         when the user has all connections allowed, else open a new one (a logon)."""

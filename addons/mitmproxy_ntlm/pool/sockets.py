@@ -158,6 +158,13 @@ class ParentPool:
         if writers is not None:
             writers.discard(writer)
 
+    def no_logon_needed(self, key: PoolKey, writer: asyncio.StreamWriter) -> None:
+        """A connection of `key` went through without a logon: stop counting it, and let
+        every request waiting for a connection of `key` open its own (no logon to save)."""
+        self.untrack(key, writer)
+        while (waiter := self._next_waiter(key)) is not None:
+            waiter.set_result(None)
+
     def reserve(self, key: PoolKey) -> Reservation:
         """Count a connection of `key` that is being opened until `release()`."""
         reservation = Reservation()

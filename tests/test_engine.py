@@ -299,6 +299,34 @@ def test_connect_legs_end_in_established_with_the_first_tunnel_bytes() -> None:
     assert out == [Established(server_hello)]
 
 
+def test_a_connect_without_credentials_is_answered_timed_out_or_challenged() -> None:
+    policy = policy_for()
+    first = new_engine(policy)
+    assert auth_token(sent(first.start_connect(CONNECT))).startswith(TYPE1)
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert first.from_parent(established) == [Established(b"")]  # let through: learnt
+
+    opened = new_engine(policy, "client-2")
+    actions = opened.start_connect(CONNECT)
+    assert sent(actions) == CONNECT and isinstance(actions[-1], StartTimer)
+    assert opened.from_parent(established + b"tls") == [Established(b"tls")]
+
+    silent = new_engine(policy, "client-3")
+    timer = silent.start_connect(CONNECT)[-1]
+    assert isinstance(timer, StartTimer)
+    failed = silent.timed_out(timer.generation)[0]
+    assert isinstance(failed, Failed) and failed.status == 504
+    assert "did not answer the CONNECT within 30 s" in failed.reason
+
+    asked = new_engine(policy, "client-4")
+    sent(asked.start_connect(CONNECT))
+    leg1 = sent(asked.from_parent(auth_required("NTLM")))
+    assert request_head(leg1).method == "CONNECT" and auth_token(leg1).startswith(TYPE1)
+    parent = NtlmAcceptor()
+    assert parent.accepts(sent(asked.from_parent(parent.challenge(leg1))))
+    assert asked.from_parent(established) == [Established(b"")]
+
+
 def test_a_connect_with_rejected_credentials_fails_as_an_auth_failure() -> None:
     engine = new_engine(policy_for(WRONG_SECRET))
     parent = NtlmAcceptor()

@@ -438,6 +438,24 @@ def test_a_parent_that_asks_no_logon_gets_new_connections_at_once(mitm, noauth_p
     assert "waiting for the logons in progress" not in m.output
 
 
+def test_a_parent_that_starts_asking_gets_the_legs_after_its_407(mitm, make_parent, origin):
+    # The parent let the first connection through, then starts asking (its ACLs changed, or
+    # this host needs a logon): the request that went without credentials gets the legs on
+    # its connection after the 407, and the next new connection carries its Type 1 again.
+    p = make_parent()  # its acceptor set up for the user, then told to let everyone through
+    p.require_auth = False
+    m = mitm(p.url, {**CREDS, "ntlm_pool": False}, env=ENV)
+    assert get(m, f"{origin.url}/hello") == "hello"
+    p.require_auth = True
+    assert get(m, f"{origin.url}/hello?asked") == "hello"
+    assert (p.snapshot().type1_count, p.snapshot().type3_count) == (1, 1)
+    assert m.wait_for("sent without credentials")
+    assert get(m, f"{origin.url}/hello?again") == "hello"
+    assert (p.snapshot().type1_count, p.snapshot().type3_count) == (2, 2)
+    assert m.output.count("sent without credentials") == 1  # the Type 1 went with it again
+    assert p.snapshot().connections == 3
+
+
 def test_a_kept_alive_client_waits_for_a_busy_connection_on_its_own(mitm, parent, origin):
     # A kept-alive client whose next request finds the user's only connection busy (lent to
     # another client) waits for it behind the server connection it has: mitmproxy's server

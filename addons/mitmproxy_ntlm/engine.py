@@ -399,7 +399,8 @@ class AuthEngine:
         context and no lockout-guard slot (nothing sent here can fail a logon), so a parent
         that asks nobody to log on is not held to ntlm_max_failures connections at a time
         while the credentials are untried. A 407 starts the legs (`_challenged_without_logon`).
-        No handshake timer: the answer is the request's own response."""
+        A plain request gets no handshake timer (its answer is the origin's response, as with
+        stock mitmproxy); a CONNECT does, since the parent itself answers it."""
         assert self._req is not None and self.creds is not None
         self.generation += 1
         kind = f"{self._req.first[0]} {self._req.first[1]}"
@@ -415,6 +416,8 @@ class AuthEngine:
         self._probe = has_body and not self.connect_mode
         head = wire.probe_head(self._req) if self._probe else self._req.raw
         self.trace.sent(head)
+        if self.connect_mode:
+            return [ToParent(head), StartTimer(self.generation)]
         return [ToParent(head)]
 
     def _challenged_without_logon(self, head: wire.Head) -> list[Action]:
@@ -801,6 +804,8 @@ class AuthEngine:
         if self.target is PARENT and self.policy.lets_through:
             self.policy.lets_through.pop(self.parent)
         if self._without_logon:
+            assert self.policy.chooser is not None
+            self.policy.chooser.learn(self.parent, schemes)  # what the legs may use
             return self._challenged_without_logon(head)
         try:
             challenge = wire.ntlm_challenge(head, self.target.challenge_header, self.scheme)
@@ -1014,5 +1019,6 @@ class AuthEngine:
             return []
         if self._passing or self.state is ConnState.FAILED:
             return []
-        return self._fail(f"The {self.target.name} {self.parent} did not answer the NTLM handshake "
+        what = "the CONNECT" if self._without_logon else "the NTLM handshake"
+        return self._fail(f"The {self.target.name} {self.parent} did not answer {what} "
                           f"within {self.policy.handshake_timeout:g} s.", status=504)

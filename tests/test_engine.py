@@ -166,7 +166,7 @@ def test_after_a_parent_let_a_connection_through_the_next_asks_without_credentia
 
     second = new_engine(policy, "client-3")
     actions = second.from_child(GET)
-    assert [type(a) for a in actions] == [ToParent]  # not waiting for the slot, no timer
+    assert [type(a) for a in actions] == [ToParent, StartTimer]  # not waiting for the slot
     assert sent(actions) == GET  # as the client sent it: no Proxy-Authorization
     assert shown(second.from_parent(OK)) == OK
     assert second.trace is not None and second.trace.result == "no auth needed"
@@ -317,6 +317,10 @@ def test_a_connect_without_credentials_is_answered_timed_out_or_challenged() -> 
     failed = silent.timed_out(timer.generation)[0]
     assert isinstance(failed, Failed) and failed.status == 504
     assert "did not answer the CONNECT within 30 s" in failed.reason
+    quiet = new_engine(policy, "client-5")
+    timer = quiet.from_child(GET)[-1]
+    assert isinstance(timer, StartTimer)
+    assert b"did not answer the request within 30 s" in shown(quiet.timed_out(timer.generation))
 
     asked = new_engine(policy, "client-4")
     sent(asked.start_connect(CONNECT))

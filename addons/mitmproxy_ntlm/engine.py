@@ -399,8 +399,7 @@ class AuthEngine:
         context and no lockout-guard slot (nothing sent here can fail a logon), so a parent
         that asks nobody to log on is not held to ntlm_max_failures connections at a time
         while the credentials are untried. A 407 starts the legs (`_challenged_without_logon`).
-        A plain request gets no handshake timer (its answer is the origin's response, as with
-        stock mitmproxy); a CONNECT does, since the parent itself answers it."""
+        The handshake timer runs as for a Type 1, so a parent gone silent still ends in a 504."""
         assert self._req is not None and self.creds is not None
         self.generation += 1
         kind = f"{self._req.first[0]} {self._req.first[1]}"
@@ -416,9 +415,7 @@ class AuthEngine:
         self._probe = has_body and not self.connect_mode
         head = wire.probe_head(self._req) if self._probe else self._req.raw
         self.trace.sent(head)
-        if self.connect_mode:
-            return [ToParent(head), StartTimer(self.generation)]
-        return [ToParent(head)]
+        return [ToParent(head), StartTimer(self.generation)]
 
     def _challenged_without_logon(self, head: wire.Head) -> list[Action]:
         """The parent asked for a logon after all: the legs start on this connection once the
@@ -1019,6 +1016,8 @@ class AuthEngine:
             return []
         if self._passing or self.state is ConnState.FAILED:
             return []
-        what = "the CONNECT" if self._without_logon else "the NTLM handshake"
+        what = "the NTLM handshake"
+        if self._without_logon:
+            what = "the CONNECT" if self.connect_mode else "the request"
         return self._fail(f"The {self.target.name} {self.parent} did not answer {what} "
                           f"within {self.policy.handshake_timeout:g} s.", status=504)

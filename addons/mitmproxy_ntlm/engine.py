@@ -354,9 +354,7 @@ class AuthEngine:
         self.generation += 1
         self._without_logon = False
         if not (self._challenged and self.trace is not None and self.trace.result == "pending"):
-            kind = f"{self._req.first[0]} {self._req.first[1]}"
-            self.trace = HandshakeTrace(self.parent, self.client, kind,
-                                        principal=self.creds.principal, key=self.trace_key)
+            self.trace = self._new_trace()
         try:
             choice = self.policy.choose(self.creds, self.parent, self.target_host,
                                         self.target.name)
@@ -380,11 +378,7 @@ class AuthEngine:
             self.trace.sent_type1(token)
             self.phase = Phase.LEG1
         self._challenge = None
-        has_body = self._req_framer is not None and (
-            not self._req_framer.done or bool(self._replay)
-        )
-        self._probe = has_body and not self.connect_mode
-        head = wire.probe_head(self._req) if self._probe else self._req.raw
+        head = self._first_leg_head()
         leg = self._auth_head(head, token)
         if self._handshake.single_leg:  # a Kerberos AP-REQ is a credential: never shown
             self.trace.sent(wire.set_header(head, self.target.auth_header,
@@ -400,22 +394,31 @@ class AuthEngine:
         that asks nobody to log on is not held to ntlm_max_failures connections at a time
         while the credentials are untried. A 407 starts the legs (`_challenged_without_logon`).
         The handshake timer runs as for a Type 1, so a parent gone silent still ends in a 504."""
-        assert self._req is not None and self.creds is not None
         self.generation += 1
-        kind = f"{self._req.first[0]} {self._req.first[1]}"
-        self.trace = HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
-                                    key=self.trace_key)
+        self.trace = self._new_trace()
         self.trace.sent_without_logon()
         self._handshake = None
         self._without_logon = True
         self.phase = Phase.LEG1
+        head = self._first_leg_head()
+        self.trace.sent(head)
+        return [ToParent(head), StartTimer(self.generation)]
+
+    def _new_trace(self) -> HandshakeTrace:
+        assert self._req is not None and self.creds is not None
+        kind = f"{self._req.first[0]} {self._req.first[1]}"
+        return HandshakeTrace(self.parent, self.client, kind, principal=self.creds.principal,
+                              key=self.trace_key)
+
+    def _first_leg_head(self) -> bytes:
+        """The request's head, or a HEAD probe (`_probe`) when the request has a body: nothing
+        with side effects goes before the parent has said whether it wants a logon."""
+        assert self._req is not None
         has_body = self._req_framer is not None and (
             not self._req_framer.done or bool(self._replay)
         )
         self._probe = has_body and not self.connect_mode
-        head = wire.probe_head(self._req) if self._probe else self._req.raw
-        self.trace.sent(head)
-        return [ToParent(head), StartTimer(self.generation)]
+        return wire.probe_head(self._req) if self._probe else self._req.raw
 
     def _challenged_without_logon(self, head: wire.Head) -> list[Action]:
         """The parent asked for a logon after all: the legs start on this connection once the

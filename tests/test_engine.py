@@ -321,6 +321,11 @@ def test_a_connect_without_credentials_is_answered_timed_out_or_challenged() -> 
     timer = quiet.from_child(GET)[-1]
     assert isinstance(timer, StartTimer)
     assert b"did not answer the request within 30 s" in shown(quiet.timed_out(timer.generation))
+    dropped = new_engine(policy, "client-6")
+    dropped.start_connect(CONNECT)
+    closed = dropped.parent_closed()[0]
+    assert isinstance(closed, Failed) and "handshake" not in closed.reason
+    assert "closed the connection before answering the CONNECT (sent without" in closed.reason
 
     asked = new_engine(policy, "client-4")
     sent(asked.start_connect(CONNECT))

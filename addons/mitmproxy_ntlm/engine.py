@@ -425,13 +425,14 @@ class AuthEngine:
         407's body is read (or on a new one if the parent closes it), from the slot on."""
         self._without_logon = False
         self._challenged = True
+        return self._skip_body(head, lambda: self._legs_after_407(head))
 
-        def start() -> list[Action]:
-            if not head.keeps_alive():
-                return self._reconnect_or_fail("closed the connection with its 407")
-            return self._start_legs()
-
-        return self._skip_body(head, start)
+    def _legs_after_407(self, head: wire.Head) -> list[Action]:
+        """The legs after a 407 whose body has been read: on this connection, or on a new one
+        when the parent closes it with the 407."""
+        if not head.keeps_alive():
+            return self._reconnect_or_fail("closed the connection with its 407")
+        return self._start_legs()
 
     def _reserve_attempt(self) -> None:
         """Hold a lockout-guard slot for a logon (to the parent, or to an origin server: a
@@ -947,16 +948,11 @@ class AuthEngine:
                               f"(ntlm_replay_limit).")
         self.state = ConnState.UNAUTHENTICATED
 
-        def restart() -> list[Action]:
-            if not head.keeps_alive():
-                return self._reconnect_or_fail("closed the connection with its 407")
-            return self._start_legs()
-
         def after_body() -> list[Action]:
-            if not self._req_complete:
-                self._waiting_for_request_end = restart
+            if not self._req_complete:  # the legs replay the body: wait for all of it
+                self._waiting_for_request_end = lambda: self._legs_after_407(head)
                 return []
-            return restart()
+            return self._legs_after_407(head)
 
         return self._skip_body(head, after_body)
 
@@ -998,10 +994,12 @@ class AuthEngine:
         handshaking = self.phase in (Phase.LEG1, Phase.LEG3, Phase.KERBEROS) or \
             self._skip is not None
         if handshaking and not self._passing:
+            if self._without_logon:  # no handshake has started
+                what = "the CONNECT" if self.connect_mode else "the request"
+                return self._fail(f"The {self.target.name} {self.parent} closed the connection "
+                                  f"before answering {what} (sent without credentials).")
             stage = {Phase.LEG1: "after the Type 1", Phase.KERBEROS: "after the Kerberos token"}\
                 .get(self.phase, "after the Type 3")
-            if self._without_logon:
-                stage = "before answering the request sent without credentials"
             return self._fail(f"The {self.target.name} {self.parent} closed the connection during "
                               f"the NTLM handshake ({stage}).")
         return []

@@ -731,6 +731,7 @@ class Squid:
         helper: str = "/usr/lib/squid/ntlm_fake_auth",
         auth_lines: list[str] | None = None,
         environment: dict[str, str] | None = None,
+        open_domains: tuple[str, ...] = (),
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}")
@@ -741,6 +742,9 @@ class Squid:
         self.helper = helper
         self.auth_lines = auth_lines or []  # mode "custom": the auth_param lines
         self.environment = environment or {}  # for the helpers (e.g. KRB5_CONFIG)
+        # Hosts served without a logon (an `http_access allow` by dstdomain before the rule
+        # that asks for one, as corporate parents have for update and intranet sites).
+        self.open_domains = open_domains
         self.port = 0
         self.dir = Path()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -808,6 +812,9 @@ class Squid:
             "acl loopback src 127.0.0.0/8 ::1",
             "http_access deny !loopback",
         ]
+        if self.open_domains:  # -n: match the URL's host as written, no reverse lookup
+            lines += [f"acl open_domains dstdomain -n {' '.join(self.open_domains)}",
+                      "http_access allow open_domains"]
         if self.mode == "ntlm_fake":
             lines += [
                 f"auth_param ntlm program {self.helper}",

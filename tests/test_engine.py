@@ -196,6 +196,35 @@ def test_a_407_to_a_request_without_credentials_starts_the_legs() -> None:
     assert auth_token(sent(new_engine(policy, "client-3").from_child(GET))).startswith(TYPE1)
 
 
+def test_a_parent_that_asks_for_some_hosts_only_is_asked_with_credentials_for_those() -> None:
+    # Squid lets some domains through without a logon and asks for the others: once it asked
+    # for a host, new connections for that host carry their Type 1 at once, while the other
+    # hosts still go without credentials (before, every change of answer cost a round trip).
+    policy = policy_for()
+    free, asked = GET, GET.replace(b"origin.test", b"intranet.test")
+    first = new_engine(policy, "c1")
+    assert auth_token(sent(first.from_child(free))).startswith(TYPE1)
+    assert shown(first.from_parent(OK)) == OK  # no logon needed: it lets connections through
+
+    challenged = new_engine(policy, "c2")
+    assert b"Proxy-Authorization" not in sent(challenged.from_child(asked))
+    leg1 = sent(challenged.from_parent(auth_required("NTLM")))
+    parent = NtlmAcceptor()
+    assert parent.accepts(sent(challenged.from_parent(parent.challenge(leg1))))
+    assert shown(challenged.from_parent(OK)) == OK
+
+    again = new_engine(policy, "c3")
+    assert auth_token(sent(again.from_child(asked.replace(b"/page", b"/other")))).startswith(
+        TYPE1)
+    still_free = new_engine(policy, "c4")
+    assert sent(still_free.from_child(free)) == free  # the host it let through: no token
+    assert shown(still_free.from_parent(OK)) == OK
+    connect = new_engine(policy, "c5")  # a CONNECT names the host without a scheme
+    assert auth_token(sent(connect.start_connect(
+        b"CONNECT INTRANET.test:443 HTTP/1.1\r\nHost: intranet.test:443\r\n\r\n"))
+    ).startswith(TYPE1)
+
+
 def test_a_rechallenge_on_an_authenticated_connection_replays_the_request() -> None:
     engine = new_engine(policy_for())
     authenticate(engine)

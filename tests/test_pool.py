@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from mitmproxy_ntlm.credentials import Credentials
 from mitmproxy_ntlm.pool import ParentPool, PooledConnection, PoolKey
 from tests.constants import TEST_DOMAIN, TEST_PASSWORD, TEST_USER
 from tests.mitm import Mitmdump, curl, run_concurrently
-from tests.servers import free_port
+from tests.servers import Squid, free_port
 from tests.web import MitmwebApi as Web
 
 CREDS = {"ntlm_username": TEST_USER, "ntlm_domain": TEST_DOMAIN, "ntlm_password_env": "PW"}
@@ -454,6 +455,43 @@ def test_a_parent_that_starts_asking_gets_the_legs_after_its_407(mitm, make_pare
     assert (p.snapshot().type1_count, p.snapshot().type3_count) == (2, 2)
     assert m.output.count("sent without credentials") == 1  # the Type 1 went with it again
     assert p.snapshot().connections == 3
+
+
+def test_a_parent_that_asks_for_some_hosts_only_gets_credentials_for_those(
+        mitm, make_parent, origin):
+    # Squid's access rules by domain: 127.0.0.1 is served without a logon, "localhost" (the
+    # same origin) needs one. Once the parent asked for localhost, its new connections carry
+    # their Type 1 at once; those for 127.0.0.1 still go without credentials.
+    p = make_parent(open_hosts=("127.0.0.1",))
+    m = mitm(p.url, {**CREDS, "ntlm_pool": False}, env=ENV)
+    asked = origin.url.replace("127.0.0.1", "localhost")
+    for n in range(3):
+        assert get(m, f"{origin.url}/hello?{n}") == "hello"
+        assert get(m, f"{asked}/hello?{n}") == "hello"
+    assert m.wait_for("sent without credentials")
+    without = [line for line in m.output.splitlines() if "sent without credentials" in line]
+    assert sum("localhost" in line for line in without) == 1  # only before its first 407
+    assert sum(origin.url in line for line in without) == 2  # after the first let-through
+    assert (p.snapshot().type1_count, p.snapshot().type3_count) == (3, 3)
+
+
+def test_squid_that_asks_for_some_domains_gets_credentials_for_those(mitm, origin):
+    # Squid lets localhost through without a logon and asks for 127.0.0.1 (the same origin).
+    # After its first 407 for 127.0.0.1, new connections for it carry their Type 1 at once
+    # (two 407s per logon); those for localhost still go without credentials and are served.
+    if shutil.which("squid") is None:
+        pytest.skip("squid not installed")
+    with Squid("ntlm_fake", open_domains=("localhost",)) as squid:
+        m = mitm(squid.url, {**CREDS, "ntlm_pool": False}, env=ENV)
+        free = origin.url.replace("127.0.0.1", "localhost")
+        for n in range(3):
+            assert get(m, f"{free}/hello?{n}") == "hello"
+            assert get(m, f"{origin.url}/hello?{n}") == "hello"
+        assert squid.wait_for_log("TCP_MISS/200", count=6)
+        denied = [line for line in squid.access_log() if "TCP_DENIED/407" in line]
+        assert not any("localhost" in line for line in denied)
+        # The first logon: a 407 to the request without credentials, then the Type 2's.
+        assert len(denied) == 2 + 1 + 1
 
 
 def test_a_kept_alive_client_waits_for_a_busy_connection_on_its_own(mitm, parent, origin):

@@ -137,3 +137,13 @@ def test_an_abandoned_response_that_cannot_end_cleanly_is_refused(response: byte
     get = wire.parse_request_head(b"GET http://o/ HTTP/1.1\r\nHost: o\r\n\r\n")
     with pytest.raises(wire.WireError):
         wire.ResponseRest(get, 407).feed(response)
+
+
+def test_target_host_is_what_a_parents_domain_rules_match() -> None:
+    def host(first_line: bytes) -> str:
+        return wire.target_host(wire.parse_request_head(first_line + b"\r\nHost: x\r\n\r\n"))
+
+    assert host(b"GET http://User@Intranet.Example:8080/a?b HTTP/1.1") == "intranet.example"
+    assert host(b"CONNECT WWW.example.com:443 HTTP/1.1") == "www.example.com"
+    assert host(b"CONNECT [::1]:443 HTTP/1.1") == "::1"
+    assert host(b"GET http://[::1/ HTTP/1.1") == ""  # unclosed bracket: names no host

@@ -339,8 +339,7 @@ class AuthEngine:
         assert self._req is not None
         try:
             self.creds = self._credentials()
-            if self.target is PARENT and not self._challenged and \
-                    self.policy.lets_through.get(self.parent):
+            if self.target is PARENT and not self._challenged and self._may_go_without_logon():
                 return self._leg_without_logon()
             self._reserve_attempt()
         except AttemptsBusy as e:
@@ -386,6 +385,17 @@ class AuthEngine:
         else:
             self.trace.sent(leg)
         return [ToParent(leg), StartTimer(self.generation)]
+
+    def _may_go_without_logon(self) -> bool:
+        """This parent let a new connection through without a logon, and has not asked one
+        for this request's host since (`UpstreamPolicy.asks_for`)."""
+        policy = self.policy
+        return bool(policy.lets_through.get(self.parent)) and \
+            not policy.asks_for.get(self._parent_and_host())
+
+    def _parent_and_host(self) -> tuple[str, str]:
+        assert self._req is not None
+        return self.parent, wire.target_host(self._req)
 
     def _leg_without_logon(self) -> list[Action]:
         """Ask without credentials, as a browser does: this parent let its latest new
@@ -794,6 +804,8 @@ class AuthEngine:
             self.policy.record(self.trace_key, self.trace)
             if self.target is PARENT:
                 self.policy.lets_through[self.parent] = True
+                if self.policy.asks_for:
+                    self.policy.asks_for.pop(self._parent_and_host())
             self._without_logon = False
             self.state = ConnState.NO_AUTH_NEEDED
             self._end_attempt()
@@ -802,8 +814,10 @@ class AuthEngine:
             return self._pass_response(head)
         schemes = wire.offered_schemes(head, self.target.challenge_header)
         self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
-        if self.target is PARENT and self.policy.lets_through:
-            self.policy.lets_through.pop(self.parent)
+        if self.target is PARENT and self.policy.lets_through.get(self.parent):
+            # It lets some connections through and asks for this host (access rules by
+            # domain): later connections for this host carry their Type 1 at once.
+            self.policy.asks_for[self._parent_and_host()] = True
         if self._without_logon:
             assert self.policy.chooser is not None
             self.policy.chooser.learn(self.parent, schemes)  # what the legs may use

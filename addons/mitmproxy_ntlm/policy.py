@@ -249,6 +249,11 @@ class UpstreamPolicy:
     # configuration, PAC files and failover lists, so the map stays small; bounded anyway.
     lets_through: BoundedMap[str, bool] = field(
         default_factory=lambda: BoundedMap(1_000, 1 << 20))
+    # (parent, target host) pairs such a parent asked a logon for (its access rules by
+    # domain): new connections for those carry their Type 1 at once, the others still go
+    # without credentials. Bounded: a client names any hosts it likes.
+    asks_for: BoundedMap[tuple[str, str], bool] = field(
+        default_factory=lambda: BoundedMap(10_000, 2 << 20))
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
     # Kerberos or NTLM per peer; the default speaks NTLM only (no ticket source).

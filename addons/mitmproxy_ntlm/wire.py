@@ -13,6 +13,7 @@ import base64
 import binascii
 import re
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024
 """Largest message head accepted from a parent; more is treated as an attack or a bug."""
@@ -403,6 +404,17 @@ def persistent(request: Head) -> Head:
     keep = sorted((tokens - {"close", "keep-alive"}) | {"keep-alive"})
     return parse_request_head(set_header(request.raw, "Connection", ", ".join(keep),
                                          also_remove=("Proxy-Connection",)))
+
+
+def target_host(request: Head) -> str:
+    """The host a request to a proxy is for, lower case and without the port (what a
+    parent's access rules match, e.g. Squid's `dstdomain`); "" when it names none."""
+    method, target, _ = request.first
+    try:
+        host = urlsplit(f"//{target}" if method == "CONNECT" else target).hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ""
+    return host or ""
 
 
 def probe_head(request: Head) -> bytes:

@@ -267,6 +267,7 @@ class ParentProxy:
         demo_host: str | None = "ntlm-demo.invalid",
         idle_timeout: float | None = None,
         scheme: str = "NTLM",
+        open_hosts: tuple[str, ...] = (),
     ) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
@@ -277,6 +278,9 @@ class ParentProxy:
                 raise ValueError("user names and passwords must not contain ':' or newlines")
         self.users: dict[str, str] = dict(users or {})
         self.require_auth = require_auth
+        # Hosts served without a logon even when require_auth is on (Squid's
+        # `http_access allow` by dstdomain before the rule that asks for one).
+        self.open_hosts = frozenset(h.lower() for h in open_hosts)
         self.fault = fault
         self.rechallenge_after = rechallenge_after
         self.host = host
@@ -612,7 +616,7 @@ class ParentProxy:
             await self._send_simple(writer, 400, "Bad Request", msg, keep=keep)
             return keep
 
-        if self.require_auth:
+        if self.require_auth and not self._open_for(method, target):
             verdict = await self._authenticate(st, head, framing, reader, writer, keep)
             if verdict is not None:
                 return verdict
@@ -623,6 +627,15 @@ class ParentProxy:
         if self.demo_host and (url.hostname or "").lower() == self.demo_host:
             return await self._demo(st, head, framing, reader, writer, keep)
         return await self._forward(st, head, framing, reader, writer, keep)
+
+    def _open_for(self, method: str, target: str) -> bool:
+        if not self.open_hosts:
+            return False
+        try:
+            host = urlsplit(f"//{target}" if method == "CONNECT" else target).hostname
+        except ValueError:
+            return False
+        return (host or "") in self.open_hosts
 
     async def _authenticate(
         self,
@@ -1082,6 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
         help="accepted account (repeatable)",
     )
     parser.add_argument("--no-auth", action="store_true", help="forward without authentication")
+    parser.add_argument("--open-host", action="append", default=[], metavar="HOST",
+                        help="serve this host without authentication (repeatable)")
     parser.add_argument("--fault", choices=sorted(FAULTS), help="misbehave on purpose")
     parser.add_argument("--rechallenge-after", type=int, metavar="N")
     parser.add_argument("--demo-host", default="ntlm-demo.invalid")
@@ -1103,6 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         demo_host=args.demo_host or None,
         idle_timeout=args.idle_timeout,
+        open_hosts=tuple(args.open_host),
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with proxy:

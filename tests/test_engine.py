@@ -219,6 +219,14 @@ def test_a_parent_that_asks_for_some_hosts_only_is_asked_with_credentials_for_th
     still_free = new_engine(policy, "c4")
     assert sent(still_free.from_child(free)) == free  # the host it let through: no token
     assert shown(still_free.from_parent(OK)) == OK
+    kept = new_engine(policy, "c6")  # a connection let through, then asked for another host
+    sent(kept.from_child(free))
+    assert shown(kept.from_parent(OK)) == OK
+    other = asked.replace(b"intranet.test", b"wiki.test")
+    assert sent(kept.from_child(other)) == other
+    leg1 = sent(kept.from_parent(auth_required("NTLM")))
+    assert auth_token(leg1).startswith(TYPE1)  # the legs, on this connection
+    assert auth_token(sent(new_engine(policy, "c7").from_child(other))).startswith(TYPE1)
     connect = new_engine(policy, "c5")  # a CONNECT names the host without a scheme
     assert auth_token(sent(connect.start_connect(
         b"CONNECT INTRANET.test:443 HTTP/1.1\r\nHost: intranet.test:443\r\n\r\n"))

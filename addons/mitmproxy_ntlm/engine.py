@@ -954,8 +954,14 @@ class AuthEngine:
         self.policy.record(self.trace_key, self.trace)
 
     def _on_rechallenge(self, head: wire.Head) -> list[Action]:
-        log.info("[ntlm] %s -> %s: re-challenged (407) on an authenticated connection",
-                 self.client, self.parent)
+        if self.state is ConnState.NO_AUTH_NEEDED:
+            log.info("[ntlm] %s -> %s: %d on a connection that needed no logon so far",
+                     self.client, self.parent, head.status)
+            if self.target is PARENT and self.policy.lets_through.get(self.parent):
+                self.policy.asks_for[self._parent_and_host()] = True  # see _on_leg1_response
+        else:
+            log.info("[ntlm] %s -> %s: re-challenged (%d) on an authenticated connection",
+                     self.client, self.parent, head.status)
         if self._replay is None:
             return self._fail(f"The {self.target.name} {self.parent} asked to authenticate again "
                               f"and the request body was too large to send twice "

@@ -398,12 +398,13 @@ class AuthEngine:
         return self.parent, wire.target_host(self._req)
 
     def _leg_without_logon(self) -> list[Action]:
-        """Ask without credentials, as a browser does: this parent let its latest new
-        connection through without a logon, so it may let this one through too. No pyspnego
-        context and no lockout-guard slot (nothing sent here can fail a logon), so a parent
-        that asks nobody to log on is not held to ntlm_max_failures connections at a time
-        while the credentials are untried. A 407 starts the legs (`_challenged_without_logon`).
-        The handshake timer runs as for a Type 1, so a parent gone silent still ends in a 504."""
+        """Ask without credentials, as a browser does: this parent let a new connection
+        through without a logon and has not asked one for this host since, so it may let this
+        one through too. No pyspnego context and no lockout-guard slot (nothing sent here can
+        fail a logon), so a parent that asks nobody to log on is not held to ntlm_max_failures
+        connections at a time while the credentials are untried. A 407 starts the legs
+        (`_challenged_without_logon`). The handshake timer runs as for a Type 1, so a parent
+        gone silent still ends in a 504."""
         self.generation += 1
         self.trace = self._new_trace()
         self.trace.sent_without_logon()

@@ -122,10 +122,11 @@ class HandshakeTrace:
         self._stage("Kerberos token sent", messages.describe(token), logging.DEBUG)
 
     def sent_without_logon(self) -> None:
-        """The request went without credentials: the parent let the last new connection
-        through without a logon (a 407 now starts the legs)."""
+        """The request went without credentials: the parent let a new connection through
+        without a logon and has not asked one for this host (a 407 now starts the legs)."""
         self._stage("sent without credentials",
-                    {"why": "the parent let its latest new connection through"}, logging.DEBUG)
+                    {"why": "the parent let a new connection through without a logon and has "
+                            "not asked one for this host"}, logging.DEBUG)
 
     def sent_type1(self, token: bytes) -> None:
         self.legs += 1

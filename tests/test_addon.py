@@ -115,6 +115,26 @@ def test_options_change_reenables_credentials_and_done_restores_mitmproxy() -> N
     assert _upstream_proxy.HttpUpstreamProxy is original
 
 
+def test_status_names_parents_that_let_connections_through_and_the_hosts_they_ask_for(
+        ) -> None:
+    # Why did this request go without credentials, and that one with its Type 1 at once?
+    addon = NtlmUpstreamAuth()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, ntlm_username="alice", ntlm_domain="CORP", ntlm_password="x")
+        policy = addon.policy
+        assert policy is not None
+        assert not any("lets new connections through" in line for line in addon.status())
+        policy.lets_through["proxy:8080"] = True
+        named = ("intranet.example", "b.example", "\x1b[2Jevil", *(f"h{i}" for i in range(5)))
+        for host in named:
+            policy.asks_for[("proxy:8080", host)] = True
+        line = next(x for x in addon.status() if "lets new connections through" in x)
+        assert line.startswith("parent proxy:8080: lets new connections through without a logon")
+        assert "asks one for 8 hosts" in line and "and 3 more" in line
+        assert "\x1b" not in line  # a client-named host is escaped
+        addon.done()
+
+
 def test_server_tls_first_joins_mitmproxys_chain_only_under_lazy() -> None:
     """Every addon in mitmproxy's chain costs it on every event: `ServerTlsFirst` is there
     only where TlsConfig leaves server TLS for later (connection_strategy lazy)."""

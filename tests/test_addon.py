@@ -124,10 +124,10 @@ def test_status_names_parents_that_let_connections_through_and_the_hosts_they_as
         policy = addon.policy
         assert policy is not None
         assert not any("lets new connections through" in line for line in addon.status())
-        policy.lets_through["proxy:8080"] = True
+        policy.logon_needs.lets_through["proxy:8080"] = 0
         named = ("intranet.example", "b.example", "\x1b[2Jevil", *(f"h{i}" for i in range(5)))
         for host in named:
-            policy.asks_for[("proxy:8080", host)] = True
+            policy.logon_needs.asks_for[("proxy:8080", host)] = True
         line = next(x for x in addon.status() if "lets new connections through" in x)
         assert line.startswith("parent proxy:8080: lets new connections through without a logon")
         assert "asks one for 8 hosts" in line and "and 3 more" in line

@@ -233,6 +233,25 @@ def test_a_parent_that_asks_for_some_hosts_only_is_asked_with_credentials_for_th
     ).startswith(TYPE1)
 
 
+def test_a_parent_that_starts_asking_every_host_gets_type1s_again_after_a_few_misses() -> None:
+    from mitmproxy_ntlm.logon_needs import MISSES_TO_STOP
+
+    policy = policy_for()
+    first = new_engine(policy, "c0")
+    sent(first.from_child(GET))
+    assert shown(first.from_parent(OK)) == OK  # let through (the laptop's office network)
+    for n in range(MISSES_TO_STOP):  # now every host needs a logon (on the VPN)
+        request = GET.replace(b"origin.test", b"host%d.test" % n)
+        engine = new_engine(policy, f"c{n + 1}")
+        assert sent(engine.from_child(request)) == request  # a guess: no token
+        leg1 = sent(engine.from_parent(auth_required("NTLM")))
+        parent = NtlmAcceptor()
+        assert parent.accepts(sent(engine.from_parent(parent.challenge(leg1))))
+        assert shown(engine.from_parent(OK)) == OK
+    fresh = GET.replace(b"origin.test", b"never-seen.test")
+    assert auth_token(sent(new_engine(policy, "c9").from_child(fresh))).startswith(TYPE1)
+
+
 def test_a_rechallenge_on_an_authenticated_connection_replays_the_request() -> None:
     engine = new_engine(policy_for())
     authenticate(engine)

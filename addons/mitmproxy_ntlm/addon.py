@@ -628,7 +628,7 @@ class NtlmUpstreamAuth:
             lines.append(f"direct tunnels (ignore_hosts, outside mitmproxy's layers): "
                          f"{counts.opened} opened, {counts.open_now} open now, "
                          f"{counts.failed} failed")
-        lines += _parents_letting_through(policy)
+        lines += policy.logon_needs.status()
         for user in users:
             blocked = " BLOCKED (lockout guard)" if policy.guard.blocked(user) else ""
             lines.append(f"user {shown(user)}: {policy.guard.failures(user)} consecutive "
@@ -643,24 +643,6 @@ class NtlmUpstreamAuth:
                         + (f" [{t.dialect}]" if t.dialect else ""), PAGE_LIMIT)
                   for t in traces[-5:]]
         return lines
-
-
-def _parents_letting_through(policy: UpstreamPolicy, named: int = 5) -> list[str]:
-    """Why requests go to a parent without credentials: it let a connection through without
-    a logon; and the hosts (client-named, so escaped) it asked a logon for since."""
-    asked: dict[str, list[str]] = {}
-    for parent, host in policy.asks_for.keys():
-        asked.setdefault(parent, []).append(host)
-    lines = []
-    for parent in policy.lets_through.keys():
-        hosts = sorted(asked.get(parent, []))
-        text = f"parent {parent}: lets new connections through without a logon"
-        if hosts:
-            more = f" and {len(hosts) - named} more" if len(hosts) > named else ""
-            text += (f"; asks one for {len(hosts)} host{'s' * (len(hosts) > 1)} (their new "
-                     f"connections carry it at once): {', '.join(hosts[:named])}{more}")
-        lines.append(shown(text, PAGE_LIMIT))
-    return lines
 
 
 def _show_parent_answer(flow: http.HTTPFlow, trace: HandshakeTrace) -> None:

@@ -387,15 +387,13 @@ class AuthEngine:
         return [ToParent(leg), StartTimer(self.generation)]
 
     def _may_go_without_logon(self) -> bool:
-        """This parent let a new connection through without a logon, and has not asked one
-        for this request's host since (`UpstreamPolicy.asks_for`)."""
-        policy = self.policy
-        return bool(policy.lets_through.get(self.parent)) and \
-            not policy.asks_for.get(self._parent_and_host())
+        """See `logon_needs`: the parent may let this request through without a logon."""
+        needs = self.policy.logon_needs
+        return bool(needs.lets_through) and needs.may_skip_logon(self.parent, self._host())
 
-    def _parent_and_host(self) -> tuple[str, str]:
+    def _host(self) -> str:
         assert self._req is not None
-        return self.parent, wire.target_host(self._req)
+        return wire.target_host(self._req)
 
     def _leg_without_logon(self) -> list[Action]:
         """Ask without credentials, as a browser does: this parent let a new connection
@@ -804,9 +802,7 @@ class AuthEngine:
             self.trace.finish("no auth needed")
             self.policy.record(self.trace_key, self.trace)
             if self.target is PARENT:
-                self.policy.lets_through[self.parent] = True
-                if self.policy.asks_for:
-                    self.policy.asks_for.pop(self._parent_and_host())
+                self.policy.logon_needs.let_through(self.parent, self._host())
             self._without_logon = False
             self.state = ConnState.NO_AUTH_NEEDED
             self._end_attempt()
@@ -815,10 +811,8 @@ class AuthEngine:
             return self._pass_response(head)
         schemes = wire.offered_schemes(head, self.target.challenge_header)
         self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
-        if self.target is PARENT and self.policy.lets_through.get(self.parent):
-            # It lets some connections through and asks for this host (access rules by
-            # domain): later connections for this host carry their Type 1 at once.
-            self.policy.asks_for[self._parent_and_host()] = True
+        if self.target is PARENT:
+            self.policy.logon_needs.asked(self.parent, self._host(), guessed=self._without_logon)
         if self._without_logon:
             assert self.policy.chooser is not None
             self.policy.chooser.learn(self.parent, schemes)  # what the legs may use
@@ -958,8 +952,8 @@ class AuthEngine:
         if self.state is ConnState.NO_AUTH_NEEDED:
             log.info("[ntlm] %s -> %s: %d on a connection that needed no logon so far",
                      self.client, self.parent, head.status)
-            if self.target is PARENT and self.policy.lets_through.get(self.parent):
-                self.policy.asks_for[self._parent_and_host()] = True  # see _on_leg1_response
+            if self.target is PARENT:
+                self.policy.logon_needs.asked(self.parent, self._host(), guessed=False)
         else:
             log.info("[ntlm] %s -> %s: re-challenged (%d) on an authenticated connection",
                      self.client, self.parent, head.status)

@@ -17,6 +17,7 @@ from . import options
 from .bounded import BoundedMap, approx_size
 from .credentials import Credentials, account_of
 from .handshake import Dialect
+from .logon_needs import LogonNeeds
 from .schemes import Choice, SchemeChooser, SchemeMode
 from .trace import HandshakeTrace
 from .untrusted import shown
@@ -244,16 +245,9 @@ class UpstreamPolicy:
     # (account, NT hash) pairs the parent accepted: they need no attempt slot (see attempt()).
     verified: BoundedMap[tuple[str, bytes], bool] = field(
         default_factory=lambda: BoundedMap(10_000, 2 << 20, ttl=3600.0))
-    # Parents whose latest new connection got through without a logon: the next one asks
-    # without credentials first (`AuthEngine._leg_without_logon`). Parents come from the
-    # configuration, PAC files and failover lists, so the map stays small; bounded anyway.
-    lets_through: BoundedMap[str, bool] = field(
-        default_factory=lambda: BoundedMap(1_000, 1 << 20))
-    # (parent, target host) pairs such a parent asked a logon for (its access rules by
-    # domain): new connections for those carry their Type 1 at once, the others still go
-    # without credentials. Bounded: a client names any hosts it likes.
-    asks_for: BoundedMap[tuple[str, str], bool] = field(
-        default_factory=lambda: BoundedMap(10_000, 2 << 20))
+    # Which new parent connections go without credentials first (parents that let clients
+    # through without a logon).
+    logon_needs: LogonNeeds = field(default_factory=LogonNeeds)
     # Called once per finished handshake with (trace, client connection, parent connection).
     on_finished: Callable[[HandshakeTrace, Any, Any], None] | None = None
     # Kerberos or NTLM per peer; the default speaks NTLM only (no ticket source).

@@ -388,12 +388,8 @@ class AuthEngine:
 
     def _may_go_without_logon(self) -> bool:
         """See `logon_needs`: the parent may let this request through without a logon."""
-        needs = self.policy.logon_needs
-        return bool(needs.lets_through) and needs.may_skip_logon(self.parent, self._host())
-
-    def _host(self) -> str:
         assert self._req is not None
-        return wire.target_host(self._req)
+        return self.policy.logon_needs.may_skip_logon(self.parent, self._req)
 
     def _leg_without_logon(self) -> list[Action]:
         """Ask without credentials, as a browser does: this parent let a new connection
@@ -793,7 +789,7 @@ class AuthEngine:
         return self._pass_response(head)
 
     def _on_leg1_response(self, head: wire.Head) -> list[Action]:
-        assert self.trace is not None
+        assert self.trace is not None and self._req is not None
         status = head.status
         if status != self.target.status:
             if self.connect_mode and not 200 <= status < 300:
@@ -802,7 +798,7 @@ class AuthEngine:
             self.trace.finish("no auth needed")
             self.policy.record(self.trace_key, self.trace)
             if self.target is PARENT:
-                self.policy.logon_needs.let_through(self.parent, self._host())
+                self.policy.logon_needs.let_through(self.parent, self._req)
             self._without_logon = False
             self.state = ConnState.NO_AUTH_NEEDED
             self._end_attempt()
@@ -812,7 +808,7 @@ class AuthEngine:
         schemes = wire.offered_schemes(head, self.target.challenge_header)
         self.trace.got_challenge(f"{status} {head.first[2]}".strip(), schemes)
         if self.target is PARENT:
-            self.policy.logon_needs.asked(self.parent, self._host(), guessed=self._without_logon)
+            self.policy.logon_needs.asked(self.parent, self._req, guessed=self._without_logon)
         if self._without_logon:
             assert self.policy.chooser is not None
             self.policy.chooser.learn(self.parent, schemes)  # what the legs may use
@@ -952,8 +948,8 @@ class AuthEngine:
         if self.state is ConnState.NO_AUTH_NEEDED:
             log.info("[ntlm] %s -> %s: %d on a connection that needed no logon so far",
                      self.client, self.parent, head.status)
-            if self.target is PARENT:
-                self.policy.logon_needs.asked(self.parent, self._host(), guessed=False)
+            if self.target is PARENT and self._req is not None:
+                self.policy.logon_needs.asked(self.parent, self._req, guessed=False)
         else:
             log.info("[ntlm] %s -> %s: re-challenged (%d) on an authenticated connection",
                      self.client, self.parent, head.status)

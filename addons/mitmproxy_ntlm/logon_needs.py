@@ -15,6 +15,7 @@ A Type 1 that a parent did not need costs no round trip: it simply serves the re
 
 from __future__ import annotations
 
+from . import wire
 from .bounded import BoundedMap
 from .untrusted import PAGE_LIMIT, shown
 
@@ -34,23 +35,27 @@ class LogonNeeds:
         # hosts they like.
         self.asks_for: BoundedMap[tuple[str, str], bool] = BoundedMap(10_000, 2 << 20)
 
-    def may_skip_logon(self, parent: str, host: str) -> bool:
-        """Whether a new connection to `parent` for `host` goes without credentials first."""
-        return parent in self.lets_through and (parent, host) not in self.asks_for
+    # The methods take the request and read its host only when a map needs it: most parents
+    # never let anyone through, and most that do ask for no host.
 
-    def let_through(self, parent: str, host: str) -> None:
-        """`parent` answered a request for `host` on a new connection without asking a logon."""
+    def may_skip_logon(self, parent: str, request: wire.Head) -> bool:
+        """Whether a new connection to `parent` for `request` goes without credentials first."""
+        return parent in self.lets_through and not (
+            self.asks_for and (parent, wire.target_host(request)) in self.asks_for)
+
+    def let_through(self, parent: str, request: wire.Head) -> None:
+        """`parent` answered `request` on a new connection without asking a logon."""
         self.lets_through[parent] = 0
         if self.asks_for:
-            self.asks_for.pop((parent, host))
+            self.asks_for.pop((parent, wire.target_host(request)))
 
-    def asked(self, parent: str, host: str, guessed: bool) -> None:
-        """`parent` asked a logon for `host`; `guessed`: the request had gone without
-        credentials because of `may_skip_logon`."""
+    def asked(self, parent: str, request: wire.Head, guessed: bool) -> None:
+        """`parent` asked a logon for `request`'s host; `guessed`: the request had gone
+        without credentials because of `may_skip_logon`."""
         misses = self.lets_through.get(parent)
         if misses is None:
             return  # it never let anyone through: every new connection carries its Type 1
-        self.asks_for[(parent, host)] = True
+        self.asks_for[(parent, wire.target_host(request))] = True
         if not guessed:
             return
         if misses + 1 >= MISSES_TO_STOP:

@@ -1006,14 +1006,18 @@ class AuthEngine:
             self._skip is not None
         if handshaking and not self._passing:
             if self._without_logon:  # no handshake has started
-                what = "the CONNECT" if self.connect_mode else "the request"
                 return self._fail(f"The {self.target.name} {self.parent} closed the connection "
-                                  f"before answering {what} (sent without credentials).")
+                                  f"before answering {self._unanswered()} (sent without "
+                                  f"credentials).")
             stage = {Phase.LEG1: "after the Type 1", Phase.KERBEROS: "after the Kerberos token"}\
                 .get(self.phase, "after the Type 3")
             return self._fail(f"The {self.target.name} {self.parent} closed the connection during "
                               f"the NTLM handshake ({stage}).")
         return []
+
+    def _unanswered(self) -> str:
+        """What a request sent without credentials was, for an error that it got no answer."""
+        return "the CONNECT" if self.connect_mode else "the request"
 
     def internal_error(self) -> list[Action]:
         """A bug in this addon must end in a clear error, not a stuck client."""
@@ -1028,8 +1032,6 @@ class AuthEngine:
             return []
         if self._passing or self.state is ConnState.FAILED:
             return []
-        what = "the NTLM handshake"
-        if self._without_logon:
-            what = "the CONNECT" if self.connect_mode else "the request"
+        what = self._unanswered() if self._without_logon else "the NTLM handshake"
         return self._fail(f"The {self.target.name} {self.parent} did not answer {what} "
                           f"within {self.policy.handshake_timeout:g} s.", status=504)

@@ -55,6 +55,7 @@ from compare import (
 ROOT = Path(__file__).resolve().parent.parent
 PIN: int | None = None  # --pin: the core every mitmdump runs on
 OPEN_PARENT = False  # --open-parent: the addon against the parent that asks for no logon
+OPEN_PARENT_A = False  # --open-parent-a: only A against it (B against the NTLM Squid)
 MODES = ("keepalive", "newconn", "close", "c200", "connect", "connect-ka", "passthrough")
 DEFAULT_MODES = ("keepalive", "newconn", "c200", "connect", "passthrough")
 MODE_HELP = {
@@ -85,6 +86,7 @@ class Config:
     json_out: Path | None = None
     b_env: tuple[str, ...] = ()  # NAME=VALUE for B's mitmdump only (e.g. PYTHONMALLOC=malloc)
     b_set: tuple[str, ...] = ()  # --set OPTION=VALUE for B's mitmdump only
+    a_set: tuple[str, ...] = ()  # --set OPTION=VALUE for A's mitmdump only
 
 
 @dataclasses.dataclass
@@ -138,7 +140,8 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool,
         env["PYTHONPATH"] = str(tree / "addons")
         env["BENCH_PW"] = compare.PASSWORD
         cmd += ["-s", str(tree / "addons" / "ntlm.py")]
-    parent = st.squid_ntlm.url if tree is not None and not OPEN_PARENT else st.squid_open.url
+    open_parent = OPEN_PARENT or (OPEN_PARENT_A and name == "A")
+    parent = st.squid_ntlm.url if tree is not None and not open_parent else st.squid_open.url
     cmd += ["--listen-host", "127.0.0.1", "-p", str(port), "--mode", f"upstream:{parent}"]
     sets = [f"confdir={confdir}", "termlog_verbosity=warn", "flow_detail=0", "ssl_insecure=true"]
     if tree is not None:
@@ -245,7 +248,7 @@ def contenders(st: Stack, cfg: Config, passthrough: bool) -> Iterator[list[Conte
     try:
         for name, tree in wanted:
             c = start(st, name, tree, passthrough, *((cfg.b_env, cfg.b_set) if name == "B"
-                                                     else ((), ())))
+                                                     else ((), cfg.a_set)))
             started.append(c)
             if tree is not None:
                 print(check_imports(c), flush=True)
@@ -364,12 +367,21 @@ def parse_args(argv: list[str] | None) -> Config:
                    help="environment for B's mitmdump only (repeatable): A/B of a setting")
     p.add_argument("--b-set", action="append", default=[], metavar="OPTION=VALUE",
                    help="--set for B's mitmdump only (repeatable): A/B of an option")
+    p.add_argument("--a-set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="--set for A's mitmdump only (repeatable), e.g. the same as --b-set "
+                        "when the trees differ")
     p.add_argument("--pin", action="store_true",
                    help="mitmdumps on CPU 0, the load generators and servers on the rest")
     p.add_argument("--open-parent", action="store_true",
                    help="A and B use stock's parent, which asks for no logon: the same work "
                         "at the parent for all three, only the addon's own cost differs")
+    p.add_argument("--open-parent-a", action="store_true",
+                   help="A alone uses stock's parent (B the NTLM Squid): with --a . --b ., "
+                        "what the logon and the pool cost the same code per request")
     a = p.parse_args(argv)
+    if a.open_parent_a:
+        global OPEN_PARENT_A
+        OPEN_PARENT_A = True
     if a.open_parent:
         global OPEN_PARENT
         OPEN_PARENT = True
@@ -386,7 +398,8 @@ def parse_args(argv: list[str] | None) -> Config:
     if a.rounds < 1 or a.duration <= 0:
         p.error("--rounds and --duration must be positive")
     return Config(a.a.resolve(), a.b.resolve(), not a.no_stock, modes, a.rounds, a.duration,
-                  a.warmup, a.connections, a.json, tuple(a.b_env), tuple(a.b_set))  # fmt: skip
+                  a.warmup, a.connections, a.json, tuple(a.b_env), tuple(a.b_set),
+                  tuple(a.a_set))  # fmt: skip
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -402,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = compare.meta_info()
     print(f"ab_cpu {meta['date']}, {meta['host']}, mitmproxy {meta['mitmproxy']}")
     print(f"A = {describe(cfg.a)}\nB = {describe(cfg.b)}")
+    print("parents: " + ("all against the open Squid" if OPEN_PARENT else
+                         "A against the open Squid, B the NTLM Squid" if OPEN_PARENT_A else
+                         "A and B against the NTLM Squid") + ", stock against the open Squid")
+    for name, sets in (("A", cfg.a_set), ("B", cfg.b_set)):
+        if sets:
+            print(f"{name} only: --set {' --set '.join(sets)}")
     print(f"{cfg.rounds} rounds x {cfg.duration:g} s (+{cfg.warmup:g} s warm-up), "
           f"{cfg.connections} clients, modes {','.join(cfg.modes)}", flush=True)  # fmt: skip
     try:

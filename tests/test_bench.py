@@ -133,3 +133,28 @@ def test_perf_with_python_frames(tmp_path: Path) -> None:
     assert min(rows["mitmproxy"]) > 0, proc.stdout
     assert not list(out.glob("*.data")) and not (out / "perf-buildids").exists()
     assert set(Path("/tmp").glob("jitted-*.so")) <= jitted_before
+
+
+def test_ab_cpu_runs_each_tree_against_its_parent(tmp_path: Path) -> None:
+    """bench/ab_cpu.py, one short round: with --open-parent-a, A goes to the parent that asks
+    for no logon and B to the NTLM Squid, each with its own --set (the pool off: every client
+    connection of B logs on in the round, so the Squid's 407s are B's alone)."""
+    missing = [t for t in ("nginx", "squid", "wrk", "hey") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab_cpu.py"), "--a", ".", "--b", ".",
+         "--no-stock", "--modes", "keepalive", "--rounds", "1", "--duration", "1",
+         "--warmup", "0.5", "--open-parent-a", "--a-set", "ntlm_pool=false",
+         "--b-set", "ntlm_pool=false", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parents: A against the open Squid, B the NTLM Squid" in proc.stdout
+    assert "A only: --set ntlm_pool=false" in proc.stdout
+    rounds = {r["contender"]: r for r in json.loads(out.read_text())["rounds"]}
+    assert set(rounds) == {"A", "B"}
+    assert rounds["A"]["requests"] > 0 and rounds["B"]["requests"] > 0
+    assert rounds["A"]["handshakes"] == 0, rounds["A"]
+    assert rounds["B"]["handshakes"] > 0, rounds["B"]

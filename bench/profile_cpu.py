@@ -432,11 +432,21 @@ def cprofile_counts(prof: Path) -> Counts:
     return out
 
 
+def start_contender(st: compare.Stack, stack_cfg: compare.Config, name: str, label: str,
+                    profile: Path | None, stock_sets: tuple[str, ...]) -> Running:
+    """``name``'s mitmdump: the addon, or stock (the addon with ``stock_sets`` when given)."""
+    if name == "stock" and stock_sets:
+        stack_cfg = dataclasses.replace(stack_cfg, addon_sets=stock_sets)
+    return start_mitmdump(st, stack_cfg, label, name == "addon" or bool(stock_sets), False,
+                          profile)
+
+
 def cprofile_run(st: compare.Stack, stack_cfg: compare.Config, name: str, prof: Path,
-                 load_it: Callable[[str], Load] | None, pinned: bool) -> tuple[Counts, Load]:
+                 load_it: Callable[[str], Load] | None, pinned: bool,
+                 stock_sets: tuple[str, ...] = ()) -> tuple[Counts, Load]:
     """One mitmdump under cProfile: start-up, ``load_it(proxy)`` if given, shut-down."""
     prof.unlink(missing_ok=True)
-    r = start_mitmdump(st, stack_cfg, f"cprof-{name}", name == "addon", False, prof)
+    r = start_contender(st, stack_cfg, name, f"cprof-{name}", prof, stock_sets)
     pin(r.pid, pinned)
     try:
         load = load_it(r.proxy) if load_it is not None else Load()
@@ -452,10 +462,11 @@ def cprofile_phase(mode: str, st: compare.Stack, cfg: Config, stack_cfg: compare
     result = {}
     for name in ("stock", "addon"):
         idle, _ = cprofile_run(st, stack_cfg, name, cfg.out / f"{mode}-{name}-idle.prof", None,
-                               cfg.pin)
+                               cfg.pin, cfg.stock_sets)
         loaded, load = cprofile_run(
             st, stack_cfg, name, cfg.out / f"{mode}-{name}.prof",
-            lambda proxy: run_load(mode, proxy, st, cfg.duration, cfg.connections), cfg.pin)
+            lambda proxy: run_load(mode, proxy, st, cfg.duration, cfg.connections), cfg.pin,
+            cfg.stock_sets)
         print(f"{mode:<10} cprof  {name:<5} req {load.requests:>6} err {load.errors:>3} "
               f"req/s {load.rps or 0:7.0f} (under cProfile)", flush=True)
         per: dict[str, list[float]] = {}
@@ -716,6 +727,7 @@ class Config:
     out: Path = Path("/tmp/profile_cpu")
     script: bool = True  # also stock + a hook-less script in the plain rounds
     pin: bool = False  # mitmdumps on core 0, everything else on the others
+    stock_sets: tuple[str, ...] = ()  # --stock-is-addon-with: "stock" is the addon, so set
 
 
 def run(cfg: Config) -> str:
@@ -731,8 +743,8 @@ def run(cfg: Config) -> str:
             for name in plain_names:
                 with perf_jit_support("perfpy" in cfg.phases):
                     running[name] = start_script_contender(st, cfg.out) if name == "script" \
-                        else start_mitmdump(st, stack_cfg, f"prof-{name}", name == "addon",
-                                            False, None)
+                        else start_contender(st, stack_cfg, name, f"prof-{name}", None,
+                                             cfg.stock_sets)
                 pin(running[name].pid, cfg.pin)
                 for url in (st.nginx.url("/small"), st.nginx.url("/small", tls=True)):
                     if (status := probe(running[name], url)) != "200":  # type: ignore[arg-type]
@@ -799,6 +811,10 @@ def parse_args(argv: list[str] | None) -> Config:
                    help="leave out stock mitmdump + a hook-less script (the plain rounds' third)")
     p.add_argument("--pin", action="store_true",
                    help="mitmdumps on CPU 0, the load generators and servers on the rest")
+    p.add_argument("--stock-is-addon-with", action="append", default=[],
+                   metavar="OPTION=VALUE",
+                   help="the 'stock' column is the addon with this --set (repeatable), e.g. "
+                        "ntlm_pool=false: what one option costs, under every phase")
     a = p.parse_args(argv)
     if a.pin:
         if (os.cpu_count() or 1) < 2:
@@ -815,7 +831,7 @@ def parse_args(argv: list[str] | None) -> Config:
         p.error("the perfpy phase needs Python 3.13 (perf's JIT records, PYTHON_PERF_JIT_"
                 f"SUPPORT); this is {sys.version.split()[0]}")
     return Config(modes, phases, a.rounds, a.duration, a.warmup, a.connections, a.out,
-                  not a.no_script, a.pin)
+                  not a.no_script, a.pin, tuple(a.stock_is_addon_with))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -826,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile_cpu {meta['date']}, {meta['host']}, mitmproxy {meta['mitmproxy']}; "
           f"{cfg.rounds} plain rounds x {cfg.duration:g} s, {cfg.connections} clients",
           flush=True)  # fmt: skip
+    if cfg.stock_sets:
+        print(f"the 'stock' column is the addon with --set {' --set '.join(cfg.stock_sets)}",
+              flush=True)
     try:
         summary = run(cfg)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ addon row counted NTLM handshakes at the parent and got answers, and the three o
 from __future__ import annotations
 
 import json
+import pstats
 import re
 import shutil
 import subprocess
@@ -158,3 +159,31 @@ def test_ab_cpu_runs_each_tree_against_its_parent(tmp_path: Path) -> None:
     assert rounds["A"]["requests"] > 0 and rounds["B"]["requests"] > 0
     assert rounds["A"]["handshakes"] == 0, rounds["A"]
     assert rounds["B"]["handshakes"] > 0, rounds["B"]
+
+
+def test_profile_cpu_can_put_the_addon_in_stocks_place(tmp_path: Path) -> None:
+    """bench/profile_cpu.py --stock-is-addon-with: the 'stock' column is the addon with that
+    option, so one option's cost goes through every phase. Under cProfile the 'stock' run
+    carried requests through the addon's engine without lending (ntlm_pool=false), the
+    'addon' run lent its parent connection after each response."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    out = tmp_path / "profile"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_cpu.py"), "--modes", "keepalive",
+         "--phases", "cprofile", "--duration", "1", "--warmup", "0.5", "--no-script",
+         "--stock-is-addon-with", "ntlm_pool=false", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the 'stock' column is the addon with --set ntlm_pool=false" in proc.stdout
+
+    def calls(prof: str, module: str, function: str) -> int:
+        stats = pstats.Stats(str(out / prof)).stats  # type: ignore[attr-defined]
+        return sum(row[1] for (file, _, func), row in stats.items()
+                   if file.endswith(module) and func == function)
+
+    assert calls("keepalive-stock.prof", "mitmproxy_ntlm/engine.py", "from_child") > 0
+    assert calls("keepalive-stock.prof", "mitmproxy_ntlm/pool/lending.py", "lend") == 0
+    assert calls("keepalive-addon.prof", "mitmproxy_ntlm/pool/lending.py", "lend") > 0

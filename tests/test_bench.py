@@ -1,5 +1,6 @@
 """bench/compare.py runs end to end in its quickest mode and reports every installed contender;
-bench/instructions.py counts instructions per request.
+bench/instructions.py counts instructions per request; bench/profile_cpu.py and bench/ab_cpu.py
+run their shortest forms with the contenders they are asked for.
 
 No timing assertions: the numbers are machine-relative. What is checked could fail: the stack
 starts, each contender either has measured rows or a stated reason for being skipped, the

@@ -69,6 +69,7 @@ MODE_HELP = {
 }
 SETTLE = 0.5  # seconds after the load before CPU is read: closes and tails belong to the round
 PACKAGE_FILE = re.compile(r"^# code object from '?(\S*?/mitmproxy_ntlm/\S*?)'?$", re.M)
+VERBOSE_LINE = re.compile(r"^(#|import )")  # PYTHONVERBOSE's imports and clean-up
 
 
 @dataclasses.dataclass
@@ -120,6 +121,10 @@ class Contender:
     proc: subprocess.Popen[bytes]
     log: Path
 
+    def log_tail(self) -> str:
+        """The end of its log, for an error message (PYTHONVERBOSE's lines left out)."""
+        return tail(self.log, drop=VERBOSE_LINE)
+
     def stop(self) -> None:
         """SIGINT: mitmdump shuts down cleanly."""
         stop_proc(self.proc, signal.SIGINT)
@@ -162,7 +167,7 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool,
         wait_port(port, 60, proc)
     except (RuntimeError, TimeoutError) as e:
         stop_proc(proc)
-        raise RuntimeError(f"{name}: {e}: {tail(log)}") from e
+        raise RuntimeError(f"{name}: {e}: {tail(log, drop=VERBOSE_LINE)}") from e
     return Contender(name, tree, f"http://127.0.0.1:{port}", proc, log)
 
 
@@ -213,7 +218,7 @@ def rss_mb(pid: int) -> float:
 def one_round(mode: str, c: Contender, st: Stack, cfg: Config, rnd: int, seconds: float) -> Round:
     """Load one contender; its CPU over the load plus SETTLE, per answered request."""
     if c.proc.poll() is not None:
-        raise RuntimeError(f"{c.name} exited ({c.proc.returncode}): {tail(c.log)}")
+        raise RuntimeError(f"{c.name} exited ({c.proc.returncode}): {c.log_tail()}")
     hs0 = st.handshakes()
     cpu0 = tree_usage(c.proc.pid)[1]
     try:
@@ -254,7 +259,7 @@ def contenders(st: Stack, cfg: Config, passthrough: bool) -> Iterator[list[Conte
                 print(check_imports(c), flush=True)
             for url in (st.nginx.url("/small"), st.nginx.url("/small", tls=True)):
                 if (status := probe(c, url)) != "200":
-                    raise RuntimeError(f"{c.name}: {url} answered {status}: {tail(c.log)}")
+                    raise RuntimeError(f"{c.name}: {url} answered {status}: {c.log_tail()}")
         yield started
     finally:
         for c in started:

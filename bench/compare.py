@@ -620,12 +620,16 @@ def probe(running: Running, url: str) -> bool:
     return r.stdout.strip() == "200"
 
 
-def tail(path: Path, n: int = 600) -> str:
-    """The end of a log file, for error messages."""
+def tail(path: Path, n: int = 600, drop: re.Pattern[str] | None = None) -> str:
+    """The end of a log file, for error messages; without the lines ``drop`` matches (e.g.
+    PYTHONVERBOSE's, which would bury the error)."""
     try:
-        return path.read_text(errors="replace")[-n:].strip()
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
+    if drop is not None:
+        text = "\n".join(line for line in text.splitlines() if not drop.match(line))
+    return text[-n:].strip()
 
 
 # --------------------------------------------------------------------------- load generators

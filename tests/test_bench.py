@@ -188,3 +188,21 @@ def test_profile_cpu_can_put_the_addon_in_stocks_place(tmp_path: Path) -> None:
     assert calls("keepalive-stock.prof", "mitmproxy_ntlm/engine.py", "from_child") > 0
     assert calls("keepalive-stock.prof", "mitmproxy_ntlm/pool/lending.py", "lend") == 0
     assert calls("keepalive-addon.prof", "mitmproxy_ntlm/pool/lending.py", "lend") > 0
+
+
+def test_ab_cpu_names_why_a_contender_did_not_start(tmp_path: Path) -> None:
+    """A contender that stops at start-up (here A's bogus --set) ends ab_cpu with mitmdump's
+    own error, not with the import log PYTHONVERBOSE writes around it."""
+    missing = [t for t in ("nginx", "squid") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools not installed: {', '.join(missing)}")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab_cpu.py"), "--a", ".", "--b", ".",
+         "--no-stock", "--modes", "keepalive", "--rounds", "1", "--duration", "1",
+         "--a-set", "ntlm_pool=maybe"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    error = proc.stderr.strip().splitlines()[-3:]
+    assert any("ntlm_pool='maybe' is not accepted" in line for line in error), error
+    assert not any(line.startswith(("#", "import ")) for line in error), error

@@ -172,9 +172,14 @@ def start(st: Stack, name: str, tree: Path | None, passthrough: bool,
 
 
 def check_imports(c: Contender) -> str:
-    """The file of every mitmproxy_ntlm module the process loaded must lie in its own tree."""
+    """The file of every mitmproxy_ntlm module the process loaded must lie in its own tree.
+    mitmproxy may listen before it has loaded the script: wait for the first module."""
     assert c.tree is not None
-    files = PACKAGE_FILE.findall(c.log.read_text(errors="replace"))
+    deadline = time.monotonic() + 30
+    while not (files := PACKAGE_FILE.findall(c.log.read_text(errors="replace"))):
+        if time.monotonic() > deadline or c.proc.poll() is not None:
+            break
+        time.sleep(0.1)
     own = str(c.tree.resolve() / "addons" / "mitmproxy_ntlm") + "/"
     foreign = [f for f in files if not f.startswith(own)]
     if not files or foreign:
